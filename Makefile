@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+# Each target creates the virtual environment it needs when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint bench bench-service clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed-runtime
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-runtime
+
+serve: $(VENV)/.installed-runtime
+	$(BIN)/unfold serve
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check solvers service tests bench
+	$(BIN)/ruff format --check solvers service tests bench
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/solvers.py
+
+bench-service: $(VENV)/.installed-bench
+	$(BIN)/python bench/service.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
