@@ -1,0 +1,91 @@
+# Unfold service image.
+#
+#   docker build --network=host -t unfold:local \
+#       --build-arg EXTRA_CA_CERTS="$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null)" .
+#   docker run --rm -p 127.0.0.1:8000:8000 -v unfold-data:/data unfold:local
+#
+# Two stages on debian:bookworm-slim (Python 3.11 from Debian): the builder creates a
+# virtual environment in /opt/venv and installs the project into it (not editable); the
+# final stage has only python3, that venv and a non-root user.
+# Written for the legacy builder: no "# syntax=" line, no BuildKit-only features.
+
+# ---------------------------------------------------------------------------------------
+FROM debian:bookworm-slim AS builder
+
+ARG DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# Optional extra CA certificates (PEM), for builds behind an intercepting HTTPS proxy.
+# Empty by default, and then this step changes nothing. Only the builder stage sees it.
+ARG EXTRA_CA_CERTS=""
+RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
+        printf '%s\n' "$EXTRA_CA_CERTS" > /usr/local/share/ca-certificates/extra.crt \
+     && update-ca-certificates; \
+    fi
+
+# pip uses the system bundle (which includes any extra CA above), its default index, and
+# no configuration from the host: nothing but the files below enters the image.
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_INPUT=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+
+# Runtime dependencies first, read from pyproject.toml, so that this slow layer stays
+# cached while only the code changes. (No test or bench extras.)
+COPY pyproject.toml ./
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+        > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+
+# Then the project itself, as a regular (non-editable) install.
+COPY README.md ./
+COPY solvers ./solvers
+COPY service ./service
+RUN pip install --no-deps . \
+ && test -x /opt/venv/bin/unfold \
+ && cd / && python3 -c 'import solvers, service'
+
+# ---------------------------------------------------------------------------------------
+FROM debian:bookworm-slim
+
+ARG DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --system --uid 10001 --user-group --home-dir /home/unfold --create-home \
+        --shell /usr/sbin/nologin unfold \
+ && mkdir -p /data \
+ && chown unfold:unfold /data
+
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    UNFOLD_DATA_DIR=/data \
+    UNFOLD_HOST=0.0.0.0 \
+    UNFOLD_PORT=8000 \
+    JAX_PLATFORMS=cpu \
+    JAX_COMPILATION_CACHE_DIR=/data/jax-cache
+
+# A named volume mounted here starts with this directory's owner (unfold).
+VOLUME /data
+WORKDIR /home/unfold
+USER unfold
+
+EXPOSE 8000
+
+# No curl in the image: probe readiness with the standard library.
+HEALTHCHECK --interval=5s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('UNFOLD_PORT', '8000'), timeout=4)"]
+
+CMD ["unfold", "serve"]
