@@ -1,0 +1,29 @@
+"""Unfold's solvers: batched, jitted sparse recovery over a dictionary of feature directions.
+
+Pure JAX: no web, no disk, no global state. Shapes follow one convention: a dictionary is
+(n_features, d_model), activations are (batch, d_model), codes are (batch, n_features), and the
+model is ``x = codes @ dictionary + bias``.
+
+    >>> import solvers
+    >>> result = solvers.unfold(activations, dictionary, method="omp", k=8)
+    >>> result.to_dense()  # (batch, n_features)
+"""
+
+from ._api import METHODS, make_settings, unfold
+from ._dictionary import DEFAULT_GRAM_BUDGET_BYTES, Dictionary, gram_bytes, prepare
+from ._omp import OMP
+from ._result import STATUS_MESSAGES, Status, UnfoldResult
+
+__all__ = [
+    "DEFAULT_GRAM_BUDGET_BYTES",
+    "METHODS",
+    "OMP",
+    "STATUS_MESSAGES",
+    "Dictionary",
+    "Status",
+    "UnfoldResult",
+    "gram_bytes",
+    "make_settings",
+    "prepare",
+    "unfold",
+]
