@@ -11,17 +11,23 @@ model is ``x = codes @ dictionary + bias``.
 
 from ._api import METHODS, make_settings, unfold
 from ._dictionary import DEFAULT_GRAM_BUDGET_BYTES, Dictionary, gram_bytes, prepare
+from ._lasso import FISTA, ISTA, Lasso
 from ._omp import OMP
 from ._result import STATUS_MESSAGES, Status, UnfoldResult
+from ._validation import check_dictionary
 
 __all__ = [
     "DEFAULT_GRAM_BUDGET_BYTES",
+    "FISTA",
+    "ISTA",
     "METHODS",
+    "Lasso",
     "OMP",
     "STATUS_MESSAGES",
     "Dictionary",
     "Status",
     "UnfoldResult",
+    "check_dictionary",
     "gram_bytes",
     "make_settings",
     "prepare",

@@ -1,0 +1,138 @@
+"""Registering, listing, inspecting, deleting and persisting dictionaries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from service.store import content_id
+from tests.service.conftest import running_client
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_demo_dictionary_is_seeded_on_an_empty_store(client):
+    info = client.get("/v1/dictionaries/demo").json()
+    assert (info["n_features"], info["d_model"], info["labels"]) == (32, 16, 32)
+    assert info["path"] == "gram"
+
+
+def test_no_demo_when_disabled(tmp_path):
+    with running_client(tmp_path, demo=False) as client:
+        assert client.get("/v1/dictionaries").json() == {"dictionaries": []}
+
+
+def test_register_returns_content_addressed_id(client, toy):
+    directions, info = toy
+    assert info["id"] == content_id(directions, None)
+    assert (info["name"], info["n_features"], info["d_model"]) == ("toy", 64, 24)
+    assert info["has_bias"] is False and info["dtype"] == "float32"
+    assert abs(info["norms"]["mean"] - 1) < 1e-6
+    assert client.get(f"/v1/dictionaries/{info['id']}").json() == info
+    assert client.get("/v1/dictionaries/toy").json() == info
+    names = {d["name"] for d in client.get("/v1/dictionaries").json()["dictionaries"]}
+    assert names == {"demo", "toy"}
+
+
+def test_registering_again_is_idempotent(client, toy):
+    directions, info = toy
+    again = client.post("/v1/dictionaries", json={"name": "toy", "directions": directions.tolist()})
+    assert again.status_code == 200 and again.json()["id"] == info["id"]
+
+
+def test_conflicts(client, toy):
+    directions, info = toy
+    other_name = client.post(
+        "/v1/dictionaries", json={"name": "copy", "directions": directions.tolist()}
+    )
+    assert other_name.status_code == 409
+    assert other_name.json()["error"]["code"] == "duplicate_content"
+    taken = client.post(
+        "/v1/dictionaries", json={"name": "toy", "directions": (2 * directions).tolist()}
+    )
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "name_taken"
+
+
+def test_bias_changes_the_id_and_is_reported(client):
+    directions = np.eye(4).tolist()
+    plain = client.post("/v1/dictionaries", json={"name": "a", "directions": directions}).json()
+    biased = client.post(
+        "/v1/dictionaries", json={"name": "b", "directions": directions, "bias": [1, 0, 0, 0]}
+    ).json()
+    assert plain["id"] != biased["id"] and biased["has_bias"] and not plain["has_bias"]
+
+
+def test_delete(client, toy):
+    _, info = toy
+    assert client.delete("/v1/dictionaries/toy").status_code == 204
+    assert client.get(f"/v1/dictionaries/{info['id']}").status_code == 404
+    assert client.delete("/v1/dictionaries/toy").status_code == 404
+
+
+def test_survives_restart_with_same_id(tmp_path):
+    with running_client(tmp_path) as client:
+        created = client.post(
+            "/v1/dictionaries", json={"name": "keep", "directions": [[1, 0], [0, 1], [1, 1]]}
+        ).json()
+    with running_client(tmp_path) as client:
+        assert client.get("/v1/dictionaries/keep").json() == created
+
+
+def test_partial_write_is_invisible_and_damaged_entry_skipped(tmp_path):
+    with running_client(tmp_path) as client:
+        good = client.post(
+            "/v1/dictionaries", json={"name": "good", "directions": [[1, 0], [0, 1]]}
+        ).json()
+        bad = client.post(
+            "/v1/dictionaries", json={"name": "bad", "directions": [[1, 2], [3, 4]]}
+        ).json()
+    # A crash mid-write leaves only a staging folder behind; tamper with one stored manifest.
+    (tmp_path / "staging" / "abc.partial").mkdir(parents=True)
+    (tmp_path / "staging" / "abc.partial" / "manifest.json").write_text("{")
+    manifest = tmp_path / "dictionaries" / bad["id"] / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "id": "0" * 24}))
+    with running_client(tmp_path) as client:
+        names = {d["name"] for d in client.get("/v1/dictionaries").json()["dictionaries"]}
+        assert names == {"demo", "good"}  # demo: the store held no valid dictionary
+        assert client.get(f"/v1/dictionaries/{good['id']}").status_code == 200
+    assert not any((tmp_path / "staging").iterdir())
+
+
+def test_bad_registrations(client):
+    cases = [
+        ({"name": "x", "directions": [[1, 0], [0, 0]]}, "invalid_dictionary"),
+        ({"name": "x", "directions": [[1, 0], [0]]}, "invalid_dictionary"),
+        ({"name": "x", "directions": []}, "invalid_dictionary"),
+        ({"name": "x", "directions": [[1, 0]], "bias": [1, 2, 3]}, "invalid_dictionary"),
+        ({"name": "x", "directions": [[1, 0]], "labels": ["a", "b"]}, "invalid_labels"),
+        ({"name": "has space", "directions": [[1, 0]]}, "invalid_name"),
+        ({"name": "x", "directions": [["a", 0]]}, "invalid_request"),
+        ({"directions": [[1, 0]]}, "invalid_request"),
+        ({"name": "x", "directions": [[1, 0]], "extra": 1}, "invalid_request"),
+    ]
+    for body, code in cases:
+        response = client.post("/v1/dictionaries", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["error"]["code"] == code, (body, response.json())
+        assert response.json()["error"]["message"]
+
+
+def test_non_finite_directions_are_refused(client):
+    body = '{"name": "x", "directions": [[1, NaN], [0, 1]]}'
+    response = client.post(
+        "/v1/dictionaries", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert "non-finite" in response.json()["error"]["message"]
+
+
+def test_unknown_route_and_method_render_the_error_format(client):
+    missing = client.get("/v2/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong = client.put("/v1/dictionaries")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"

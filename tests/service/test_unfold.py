@@ -1,0 +1,116 @@
+"""POST /v1/dictionaries/{ref}/unfold: correct codes, and a clear 4xx for each bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import orthogonal_mp
+
+from service.demo import demo_dictionary
+
+
+def test_demo_example_from_the_readme(client):
+    directions, labels = demo_dictionary()
+    activation = 2 * directions[3] + 1 * directions[22]
+    response = client.post(
+        "/v1/dictionaries/demo/unfold", json={"activations": activation.tolist(), "k": 2}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["codes"][0]["indices"] == [3, 22]
+    np.testing.assert_allclose(body["codes"][0]["values"], [2.0, 1.0], atol=1e-5)
+    assert body["residual_norm"][0] < 1e-5 and body["l0"] == [2]
+
+
+def test_batch_matches_sklearn_and_ground_truth(client, toy):
+    directions, info = toy
+    rng = np.random.default_rng(0)
+    codes = np.zeros((5, 64))
+    for row in codes:
+        row[rng.choice(64, 3, replace=False)] = rng.uniform(0.5, 2, 3)
+    activations = codes @ directions
+    response = client.post(
+        f"/v1/dictionaries/{info['id']}/unfold",
+        json={"activations": activations.tolist(), "method": "omp", "k": 3},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    dense = np.zeros_like(codes)
+    for row, code in zip(dense, body["codes"], strict=True):
+        row[code["indices"]] = code["values"]
+    np.testing.assert_allclose(dense, codes, atol=1e-4)
+    reference = orthogonal_mp(directions.T.astype(float), activations.T, n_nonzero_coefs=3).T
+    np.testing.assert_allclose(dense, reference, atol=1e-4)
+    assert len(body["residual_norm"]) == 5 and max(body["relative_error"]) < 1e-4
+    assert body["status"] == [2] * 5 and len(body["messages"]) == 5
+
+
+def test_tol_only(client, toy):
+    directions, _ = toy
+    activation = 1.5 * directions[5] - 0.7 * directions[40]
+    body = client.post(
+        "/v1/dictionaries/toy/unfold",
+        json={"activations": [activation.tolist()], "k": None, "tol": 1e-3},
+    ).json()
+    assert sorted(body["codes"][0]["indices"]) == [5, 40]
+
+
+def post(client, body, ref="toy"):
+    return client.post(f"/v1/dictionaries/{ref}/unfold", json=body)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"activations": [[0.0] * 23]}, 422, "shape_mismatch"),
+        ({"activations": [[[0.0] * 24]]}, 422, "invalid_request"),
+        ({"activations": [[0.0] * 24, [0.0] * 23]}, 422, "invalid_shape"),
+        ({"activations": []}, 422, "shape_mismatch"),
+        ({"activations": [[0.0] * 24], "k": 0}, 422, "invalid_request"),
+        ({"activations": [[0.0] * 24], "k": 65}, 422, "invalid_parameter"),
+        ({"activations": [[0.0] * 24], "k": None}, 422, "invalid_parameter"),
+        ({"activations": [[0.0] * 24], "tol": -1}, 422, "invalid_request"),
+        ({"activations": [[0.0] * 24], "method": "magic"}, 422, "invalid_request"),
+        ({"activations": [[0.0] * 24], "alpha": 0.1}, 422, "invalid_request"),
+        ({"activations": [["a"] * 24]}, 422, "invalid_request"),
+        ({"activations": [[1e39] * 24]}, 422, "non_finite"),
+        ({"k": 3}, 422, "invalid_request"),
+    ],
+)
+def test_bad_unfold_requests(client, toy, body, status, code):
+    response = post(client, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+
+
+def test_unknown_dictionary_is_404(client):
+    response = post(client, {"activations": [[0.0]]}, ref="missing")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_nan_activation_is_refused(client, toy):
+    response = client.post(
+        "/v1/dictionaries/toy/unfold",
+        content='{"activations": [' + ", ".join(["NaN"] + ["0"] * 23) + "]}",
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422 and response.json()["error"]["code"] == "non_finite"
+
+
+def test_malformed_json_is_422(client, toy):
+    response = client.post(
+        "/v1/dictionaries/toy/unfold", content="{", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
+
+
+def test_row_limit(tmp_path):
+    from tests.service.conftest import running_client
+
+    with running_client(tmp_path, max_rows=2) as client:
+        response = client.post(
+            "/v1/dictionaries/demo/unfold", json={"activations": [[0.0] * 16] * 3, "k": 1}
+        )
+        assert response.status_code == 422
+        assert response.json()["error"]["code"] == "too_many_rows"
