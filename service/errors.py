@@ -44,6 +44,24 @@ class NotReady(UnfoldError):
     code = "not_ready"
 
 
+class Overloaded(UnfoldError):
+    """Too much work is queued for this dictionary and settings: retry after `retry_after` s."""
+
+    status_code = 429
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1, code: str | None = None):
+        super().__init__(message, code=code)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
+class Timeout(UnfoldError):
+    """The request's solve did not finish within the configured time."""
+
+    status_code = 504
+    code = "timeout"
+
+
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
@@ -60,7 +78,11 @@ def _describe(errors: list[dict]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnfoldError)
     async def _unfold_error(_: Request, error: UnfoldError) -> JSONResponse:
-        return JSONResponse(error_body(error.code, error.message), status_code=error.status_code)
+        return JSONResponse(
+            error_body(error.code, error.message),
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:

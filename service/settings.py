@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import solvers
 
@@ -26,3 +27,54 @@ class Settings(BaseSettings):
     )
     max_rows: int = Field(65536, ge=1, description="Most activation rows in one request.")
     log_level: str = Field("info", description="uvicorn log level.")
+
+    # Serving: dynamic batching, limits, observability, access (service/batching.py, limits.py,
+    # metrics.py, auth.py).
+    batching: bool = Field(
+        True, description="Merge concurrent unfold requests with the same dictionary and settings."
+    )
+    max_batch_size: int = Field(256, ge=1, description="Most rows in one merged solver call.")
+    max_wait_ms: float = Field(
+        2.0, ge=0, description="Longest a request waits for others to join its batch."
+    )
+    max_queue_rows: int = Field(
+        4096,
+        ge=1,
+        description="Rows waiting or being solved per dictionary and settings before new requests "
+        "are refused with 429 (a request is always admitted when nothing is queued).",
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="A request waiting longer than this for its solve gets a 504."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of 429 answers, in seconds.")
+    solver_threads: int = Field(
+        2, ge=1, description="Worker threads running solver calls (one at a time per batch key)."
+    )
+    warmup: bool = Field(
+        True, description="Compile the common batch sizes for loaded dictionaries at start-up."
+    )
+    compilation_cache: bool = Field(
+        True, description="Use JAX's persistent compilation cache under <data_dir>/jax-cache."
+    )
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Largest request body; larger ones get a 413."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys; when set, every route but /healthz and /readyz "
+        "needs `Authorization: Bearer <key>`.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins allowed by CORS ('*' for any); CORS is off if empty.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as plain text or one JSON object per line."
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

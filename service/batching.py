@@ -1,0 +1,410 @@
+"""Dynamic batching: concurrent unfold requests with the same key are merged into one solve.
+
+A *key* names everything that must match for rows to share a solver call: the dictionary and
+the (hashable) solver settings. Requests for one key queue up; a worker task takes up to
+`max_batch_size` rows from the queue (waiting at most `max_wait_ms` after the oldest request
+arrived for others to join), concatenates them, solves them in one call on a worker thread and
+hands each caller its own rows of the result. One solver call runs at a time per key, so while
+it runs the next batch fills up by itself under load.
+
+Guarantees:
+- A request never fails because of another one: validate before `submit`; if a merged solve
+  raises anyway, each of its requests is solved alone, so only the culprit gets the error.
+- Overload is refused early: when the rows waiting or being solved for a key would exceed
+  `max_queue_rows`, `submit` raises `Overloaded` (429 with Retry-After) at once. A request is
+  always admitted when nothing is outstanding for its key, so every request within the row
+  limit can run.
+- A request waits at most `timeout_s` for its answer (`Timeout`, 504). A request that times
+  out while still queued is dropped from the queue; a solve already running cannot be
+  interrupted and finishes in its thread (its rows still count towards the queue limit).
+- With `enabled=False` every request is solved on its own, still on a worker thread, with the
+  same limits.
+
+How the unfold route uses it (validate first, then submit; the closure solves any rows)::
+
+    @router.post("/{ref}/unfold")
+    async def unfold(ref: str, body: UnfoldRequest, registry: RegistryDep,
+                     settings: SettingsDep, batcher: BatcherDep):
+        entry = registry.get(ref)
+        activations, single = unfolding.activations_array(body.activations, entry.record.d_model)
+        ...  # row limit
+        params = body.model_dump(exclude={"activations", "method", ...}, exclude_none=True)
+        try:  # bad parameters are refused here, before they can join a batch
+            solver_settings = solvers.make_settings(body.method, entry.prepared, **params)
+        except ValueError as error:
+            raise InvalidInput(str(error), code="invalid_parameter") from None
+        result = await batcher.submit(
+            (entry.record.id, solver_settings),
+            activations,
+            lambda rows: unfolding.run(entry, rows, body.method, params),
+        )
+        # `result` is an UnfoldResult for exactly this request's rows.
+
+`solve` must accept any number of rows of shape (n, d_model) and return a NamedTuple of arrays
+with a leading batch axis (like `solvers.UnfoldResult`); requests merged together must give
+equivalent `solve` functions (same key), and the first one's is used for the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .errors import Overloaded, Timeout
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+def slice_result(result: R, rows: slice) -> R:
+    """Rows `rows` of a NamedTuple whose array fields have a batch axis (`UnfoldResult`).
+
+    Fields that are not arrays with at least one axis (such as `n_features`) are kept as is.
+    """
+    return result._replace(
+        **{
+            name: value[rows]
+            for name, value in result._asdict().items()
+            if isinstance(value, np.ndarray) and value.ndim >= 1
+        }
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    rows: np.ndarray  # (n, d_model)
+    solve: Callable[[np.ndarray], Any]
+    split: Callable[[Any, slice], Any]
+    future: asyncio.Future
+    arrived: float
+    state: str = "waiting"  # "waiting" -> "running" -> "done"; or "dropped" (left the queue)
+    abandoned: bool = False  # the caller stopped waiting (timeout or cancellation)
+
+    @property
+    def n(self) -> int:
+        return self.rows.shape[0]
+
+
+@dataclasses.dataclass(eq=False)
+class _Queue:
+    label: str
+    pending: collections.deque = dataclasses.field(default_factory=collections.deque)
+    waiting_rows: int = 0  # rows in `pending`
+    outstanding_rows: int = 0  # rows admitted and not yet answered (waiting or being solved)
+    wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    worker: asyncio.Task | None = None
+
+
+class Batcher:
+    """Merges concurrent requests per key into batched solver calls. Use on one event loop.
+
+    Args:
+        enabled: merge requests; when False each request is solved alone (still in a thread).
+        max_batch_size: most rows in one merged call (a larger request runs alone).
+        max_wait_ms: longest the oldest queued request waits for others to join its batch.
+        max_queue_rows: most rows outstanding per key before `submit` refuses with 429.
+        timeout_s: longest a caller waits for its result before a 504.
+        retry_after_s: the Retry-After of 429 answers.
+        threads: worker threads for solver calls (shared by all keys).
+        metrics: a `service.metrics.Metrics` to record batch sizes, solver time and queue depth.
+    """
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = True,
+        max_batch_size: int = 256,
+        max_wait_ms: float = 2.0,
+        max_queue_rows: int = 4096,
+        timeout_s: float = 60.0,
+        retry_after_s: int = 1,
+        threads: int = 2,
+        metrics=None,
+    ):
+        self.enabled = enabled
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue_rows = max_queue_rows
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="unfold-solver"
+        )
+        self._queues: dict[Hashable, _Queue] = {}
+        self._label_rows: dict[str, int] = collections.defaultdict(int)
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings, metrics=None) -> Batcher:
+        return cls(
+            enabled=settings.batching,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue_rows=settings.max_queue_rows,
+            timeout_s=settings.request_timeout_s,
+            retry_after_s=settings.retry_after_s,
+            threads=settings.solver_threads,
+            metrics=metrics,
+        )
+
+    def queued_rows(self, key: Hashable) -> int:
+        """Rows admitted for `key` and not yet answered."""
+        queue = self._queues.get(key)
+        return queue.outstanding_rows if queue else 0
+
+    async def submit(
+        self,
+        key: Hashable,
+        rows: np.ndarray,
+        solve: Callable[[np.ndarray], R],
+        *,
+        split: Callable[[R, slice], R] = slice_result,
+        label: str | None = None,
+    ) -> R:
+        """The result of `solve` for `rows` (of shape (n, d_model)), possibly solved in a batch.
+
+        Args:
+            key: hashable; requests with equal keys may be merged (dictionary id, settings).
+            rows: validated activations of shape (n, d_model), n >= 1.
+            solve: solves any rows of shape (m, d_model); runs on a worker thread.
+            split: `split(result, slice)` is the part of a batch result for those rows.
+            label: the `dictionary` label of the queue-depth metric (default: ``key[0]``).
+
+        Raises:
+            Overloaded: too many rows are outstanding for `key` (429, Retry-After).
+            Timeout: no result within `timeout_s` (504).
+            Whatever `solve` raises for these rows alone.
+        """
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        if label is None:
+            label = str(key[0]) if isinstance(key, tuple) and key else str(key)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue(label)
+        n = rows.shape[0]
+        if queue.outstanding_rows and queue.outstanding_rows + n > self.max_queue_rows:
+            raise Overloaded(
+                f"{queue.outstanding_rows} rows are already queued for this dictionary and these "
+                f"settings (limit {self.max_queue_rows}); retry after {self.retry_after_s} s",
+                retry_after=self.retry_after_s,
+            )
+        self._admit(queue, n)
+        loop = asyncio.get_running_loop()
+        if not self.enabled:
+            future = loop.run_in_executor(self._executor, self._call, solve, rows)
+            future.add_done_callback(lambda _: self._release(key, queue, n))
+            request = None
+        else:
+            future = loop.create_future()
+            request = _Request(rows, solve, split, future, arrived=time.monotonic())
+            queue.pending.append(request)
+            queue.waiting_rows += n
+            queue.wakeup.set()
+            if queue.worker is None:
+                queue.worker = asyncio.create_task(self._work(key, queue))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+        except TimeoutError:
+            self._abandon(key, queue, request, future)
+            raise Timeout(
+                f"the solve did not finish within {self.timeout_s:g} s; send fewer rows per "
+                "request, or retry later"
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(key, queue, request, future)
+            raise
+
+    async def close(self) -> None:
+        """Stop the workers, fail what is still queued, and release the threads."""
+        self._closed = True
+        workers = [q.worker for q in self._queues.values() if q.worker is not None]
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for queue in self._queues.values():
+            for request in queue.pending:
+                if not request.future.done():
+                    request.future.set_exception(RuntimeError("the service is shutting down"))
+                    request.future.exception()  # retrieved: no warning if nobody waits
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # Accounting.
+
+    def _admit(self, queue: _Queue, n: int) -> None:
+        queue.outstanding_rows += n
+        self._label_rows[queue.label] += n
+        self._report_depth(queue.label)
+
+    def _release(self, key: Hashable, queue: _Queue, n: int) -> None:
+        queue.outstanding_rows -= n
+        self._label_rows[queue.label] -= n
+        self._report_depth(queue.label)
+        if queue.outstanding_rows == 0 and queue.worker is None and self._queues.get(key) is queue:
+            del self._queues[key]
+
+    def _report_depth(self, label: str) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(dictionary=label).set(self._label_rows[label])
+
+    def _abandon(self, key, queue: _Queue, request: _Request | None, future) -> None:
+        if request is None:  # unbatched: the thread finishes on its own; rows released then
+            future.add_done_callback(_retrieve)
+            return
+        request.abandoned = True
+        if request.state == "waiting":  # never started: leave the queue, free the rows now
+            queue.pending.remove(request)
+            queue.waiting_rows -= request.n
+            request.state = "dropped"
+            self._release(key, queue, request.n)
+
+    # The worker of one key.
+
+    async def _work(self, key: Hashable, queue: _Queue) -> None:
+        try:
+            while queue.pending:
+                deadline = queue.pending[0].arrived + self.max_wait_s
+                while queue.pending and queue.waiting_rows < self.max_batch_size:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    queue.wakeup.clear()
+                    try:
+                        await asyncio.wait_for(queue.wakeup.wait(), remaining)
+                    except TimeoutError:
+                        break
+                batch = self._take(queue)
+                if batch:
+                    await self._solve_batch(key, queue, batch)
+        finally:
+            queue.worker = None
+            if queue.outstanding_rows == 0 and self._queues.get(key) is queue:
+                del self._queues[key]
+
+    def _take(self, queue: _Queue) -> list[_Request]:
+        """The oldest requests totalling at most `max_batch_size` rows (at least one)."""
+        batch, rows = [], 0
+        while queue.pending and (not batch or rows + queue.pending[0].n <= self.max_batch_size):
+            request = queue.pending.popleft()
+            queue.waiting_rows -= request.n
+            request.state = "running"
+            batch.append(request)
+            rows += request.n
+        return batch
+
+    async def _solve_batch(self, key: Hashable, queue: _Queue, batch: list[_Request]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            rows = batch[0].rows if len(batch) == 1 else np.concatenate([r.rows for r in batch])
+            try:
+                result = await loop.run_in_executor(self._executor, self._call, batch[0].solve, rows)
+            except Exception as error:
+                if len(batch) == 1:
+                    self._finish(batch[0], error=error)
+                    return
+                log.warning(
+                    "a merged solve of %d requests failed (%s); solving each alone", len(batch), error
+                )
+                for request in batch:  # only the request that caused the failure fails
+                    if request.abandoned:
+                        self._finish(request)
+                        continue
+                    try:
+                        alone = await loop.run_in_executor(
+                            self._executor, self._call, request.solve, request.rows
+                        )
+                    except Exception as single_error:
+                        self._finish(request, error=single_error)
+                    else:
+                        self._finish(request, result=alone)
+                return
+            start = 0
+            for request in batch:
+                try:
+                    part = request.split(result, slice(start, start + request.n))
+                except Exception as error:
+                    self._finish(request, error=error)
+                else:
+                    self._finish(request, result=part)
+                start += request.n
+        finally:
+            for request in batch:
+                if request.state != "done":
+                    self._finish(request, error=RuntimeError("the batch was interrupted"))
+                self._release(key, queue, request.n)
+
+    def _finish(self, request: _Request, *, result=None, error: BaseException | None = None):
+        request.state = "done"
+        if request.abandoned or request.future.done():
+            return
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)
+
+    def _call(self, solve: Callable[[np.ndarray], R], rows: np.ndarray) -> R:
+        """One solver call, on a worker thread, recorded in the metrics."""
+        started = time.perf_counter()
+        try:
+            return solve(rows)
+        finally:
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(rows.shape[0])
+                self.metrics.rows.inc(rows.shape[0])
+                self.metrics.solver_seconds.observe(time.perf_counter() - started)
+
+
+def _retrieve(future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def bucket_sizes(max_batch_size: int, chunk_rows: int = 8, block_rows: int = 1024) -> list[int]:
+    """Row counts of the programs `solvers.unfold` compiles for batches up to `max_batch_size`:
+    `chunk_rows` times a power of two, capped by `block_rows` (see `solvers._api.padded_rows`)."""
+    top = min(max_batch_size, block_rows)
+    sizes, size = [], chunk_rows
+    while True:
+        sizes.append(size)
+        if size >= top:
+            return sizes
+        size *= 2
+
+
+def warmup(entry, max_batch_size: int, *, k: int = 8) -> int:
+    """Compile the default method's programs (OMP, `k` atoms) for every batch bucket up to
+    `max_batch_size`, for one registry `Entry`. Returns the number of sizes compiled."""
+    import solvers
+
+    record = entry.record
+    sizes = bucket_sizes(max_batch_size)
+    started = time.perf_counter()
+    for size in sizes:
+        zeros = np.zeros((size, record.d_model), np.float32)
+        solvers.unfold(zeros, entry.prepared, method="omp", k=min(k, record.n_features))
+    log.info(
+        "warmed %s for %s rows in %.1f s", record.name, sizes, time.perf_counter() - started
+    )
+    return len(sizes)
+
+
+def enable_compilation_cache(path: Path) -> None:
+    """JAX's persistent compilation cache under `path`, for every program however small."""
+    import jax
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,85 @@
+"""Request body size limit, as a pure ASGI middleware (Starlette has none of its own).
+
+A request whose `Content-Length` exceeds the limit is refused with 413 before its body is read.
+A body without a length (chunked) is counted while it streams in: once it passes the limit the
+application's reads fail and, whatever the application then does, the client gets the 413.
+"""
+
+from __future__ import annotations
+
+from .errors import error_body
+from .responses import JSONResponse
+
+
+class BodyTooLarge(Exception):
+    """Raised into the application's body reads once the streamed body passes the limit."""
+
+
+def too_large(limit: int) -> JSONResponse:
+    return JSONResponse(
+        error_body(
+            "body_too_large",
+            f"the request body exceeds the limit of {limit} bytes; send fewer rows per request, "
+            "or a binary format (application/x-npy) instead of JSON",
+        ),
+        status_code=413,
+        headers={"Connection": "close"},
+    )
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies larger than `max_body_bytes` with 413 `body_too_large`."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app = app
+        self.limit = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = _content_length(scope)
+        if length is not None and length > self.limit:
+            return await too_large(self.limit)(scope, receive, send)
+
+        received = 0
+        exceeded = False
+        started = False
+
+        async def counting_receive():
+            nonlocal received, exceeded
+            if exceeded:
+                raise BodyTooLarge
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    exceeded = True
+                    raise BodyTooLarge
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if exceeded:  # the app answered its failed read somehow: the 413 replaces it
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except BodyTooLarge:
+            pass
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await too_large(self.limit)(scope, receive, send)
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,96 @@
+"""Prometheus metrics: one registry per app (not the global one) and a request middleware
+(exposed by `GET /metrics`, in `routes/metrics.py`).
+
+Series (base units, `unfold_` prefix, `_total` on counters):
+- `unfold_requests_total{route,method,status}`: answered HTTP requests; `route` is the route
+  template (``/v1/dictionaries/{ref}/unfold``), or ``unmatched`` when no route matched.
+- `unfold_request_duration_seconds{route}`: time to the end of the response body.
+- `unfold_batch_size`: rows per solver call (merged batches and lone requests alike).
+- `unfold_rows_total`: rows solved.
+- `unfold_solver_seconds`: time per solver call.
+- `unfold_queue_depth{dictionary}`: rows waiting or being solved per dictionary.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+UNMATCHED = "unmatched"
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+
+
+class Metrics:
+    """The service's metrics, in their own `CollectorRegistry`."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        kw = {"registry": self.registry}
+        self.requests = Counter(
+            "unfold_requests", "HTTP requests answered.", ["route", "method", "status"], **kw
+        )
+        self.request_duration = Histogram(
+            "unfold_request_duration_seconds",
+            "Time to answer an HTTP request.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            **kw,
+        )
+        self.batch_size = Histogram(
+            "unfold_batch_size", "Activation rows per solver call.", buckets=BATCH_BUCKETS, **kw
+        )
+        self.rows = Counter("unfold_rows", "Activation rows solved.", **kw)
+        self.solver_seconds = Histogram(
+            "unfold_solver_seconds", "Time per solver call.", buckets=LATENCY_BUCKETS, **kw
+        )
+        self.queue_depth = Gauge(
+            "unfold_queue_depth",
+            "Activation rows waiting or being solved, per dictionary.",
+            ["dictionary"],
+            **kw,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware counting and timing every HTTP request by route template."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED
+            self.metrics.requests.labels(
+                route=template, method=scope["method"], status=str(status)
+            ).inc()
+            self.metrics.request_duration.labels(route=template).observe(
+                time.perf_counter() - started
+            )
+
