@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 
@@ -65,4 +66,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(dictionaries.router)
+    app.openapi = functools.partial(openapi_with_body_definitions, app)
     return app
+
+
+def openapi_with_body_definitions(app: FastAPI) -> dict:
+    """The OpenAPI document, with the schemas of hand-parsed bodies (see
+    `schemas.openapi_body`) moved into its components."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                components.update(operation.pop("x-definitions", {}))
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -66,7 +66,8 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
-def _describe(errors: list[dict]) -> str:
+def describe_validation_errors(errors: list[dict]) -> str:
+    """One line naming each invalid field and why."""
     parts = []
     for error in errors[:5]:
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
@@ -87,7 +88,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse(
-            error_body("invalid_request", _describe(error.errors())), status_code=422
+            error_body("invalid_request", describe_validation_errors(error.errors())),
+            status_code=422,
         )
 
     @app.exception_handler(StarletteHTTPException)

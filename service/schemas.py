@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
 Vector = list[float]
 Matrix = list[Vector]
@@ -58,41 +58,126 @@ class DictionaryList(BaseModel):
     dictionaries: list[DictionaryInfo]
 
 
-class OMPParams(BaseModel):
-    """Orthogonal Matching Pursuit: at most `k` atoms, or until the residual norm <= `tol`."""
+class UnfoldOptions(BaseModel):
+    """What to return, shared by every method."""
 
     model_config = ConfigDict(extra="forbid")
+
+    output: Literal["sparse", "dense"] = Field(
+        "sparse", description="Per-row indices/values (and labels), or dense (batch, n_features)."
+    )
+    top: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Sparse output only: keep the `top` largest |values| of each row."
+    )
+
+
+class OMPParams(UnfoldOptions):
+    """Orthogonal Matching Pursuit: at most `k` atoms, or until the residual norm <= `tol`."""
 
     method: Literal["omp"] = "omp"
     k: Annotated[int, Field(ge=1)] | None = Field(8, description="Maximum number of atoms.")
     tol: Annotated[float, Field(ge=0)] | None = Field(
-        None, description="Stop once the residual norm is at most this."
+        None, description="Stop once the residual norm is at most this (the norm, not squared)."
     )
+    positive: bool = Field(False, description="Non-negative OMP: codes >= 0.")
 
 
-class UnfoldRequest(OMPParams):
-    """Activations to unfold, one vector (d_model,) or a batch (batch, d_model)."""
+class L1Params(UnfoldOptions):
+    """The LASSO: minimize 0.5 * ||x - bias - codes @ dictionary||^2 + alpha * ||codes||_1."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [{"activations": [[0.0, 2.0, 0.5]], "method": "omp", "k": 2}]
-        },
+    alpha: Annotated[float, Field(ge=0)] = Field(description="The l1 penalty.")
+    tol: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="Relative duality-gap tolerance (solver default when omitted)."
     )
+    max_iter: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Iteration budget per row (solver default when omitted)."
+    )
+    positive: bool = Field(False, description="Constrain codes to be >= 0.")
 
+
+class ISTAParams(L1Params):
+    method: Literal["ista"]
+
+
+class FISTAParams(L1Params):
+    method: Literal["fista"]
+
+
+class LassoParams(L1Params):
+    method: Literal["lasso"]
+
+
+def _method_of(value: Any) -> str:
+    """The discriminator: `method`, "omp" when absent."""
+    if isinstance(value, dict):
+        return value.get("method", "omp")
+    return getattr(value, "method", "omp")
+
+
+PARAMS = {"omp": OMPParams, "ista": ISTAParams, "fista": FISTAParams, "lasso": LassoParams}
+
+
+class Activations(BaseModel):
     activations: Vector | Matrix = Field(description="Shape (batch, d_model) or (d_model,).")
+
+
+class OMPRequest(OMPParams, Activations):
+    pass
+
+
+class ISTARequest(ISTAParams, Activations):
+    pass
+
+
+class FISTARequest(FISTAParams, Activations):
+    pass
+
+
+class LassoRequest(LassoParams, Activations):
+    pass
+
+
+def _tagged_union(models: dict[str, type[BaseModel]]):
+    tagged = tuple(Annotated[model, Tag(name)] for name, model in models.items())
+    return Annotated[Union[tagged], Discriminator(_method_of)]  # noqa: UP007
+
+
+UnfoldParams = _tagged_union(PARAMS)
+"""Solver settings and output options, by `method` (query string of binary requests)."""
+UnfoldRequest = _tagged_union(
+    {"omp": OMPRequest, "ista": ISTARequest, "fista": FISTARequest, "lasso": LassoRequest}
+)
+"""A JSON unfold request: activations plus `UnfoldParams`."""
 
 
 class SparseCode(BaseModel):
     indices: list[int]
     values: list[float]
+    labels: list[str] | None = Field(None, description="When the dictionary has labels.")
 
 
 class UnfoldResponse(BaseModel):
-    codes: list[SparseCode] = Field(description="One sparse code per activation row.")
-    residual_norm: list[float]
-    relative_error: list[float]
-    l0: list[int]
+    codes: list[SparseCode] | None = Field(None, description="Sparse output: one per row.")
+    dense: Matrix | None = Field(None, description="Dense output: (batch, n_features).")
+    residual_norm: list[float] = Field(description="||x - bias - codes @ dictionary|| per row.")
+    relative_error: list[float] = Field(description="residual_norm / ||x - bias|| per row.")
+    l0: list[int] = Field(description="Non-zero codes per row (before `top`).")
     n_iter: list[int]
-    status: list[int]
+    status: list[int] = Field(description="0 converged, 1 max_iter, 2 exact, 3 dependent, ...")
     messages: list[str]
+    duality_gap: list[float | None] = Field(description="LASSO methods; null for OMP.")
+
+
+def openapi_body(schema, binary: dict[str, str]) -> dict:
+    """`openapi_extra` documenting a JSON body of `schema` plus binary alternatives.
+
+    Used by routes that read their body themselves to accept several content types; the
+    schema's definitions are hoisted into the document's components by `create_app`.
+    """
+    json_schema = TypeAdapter(schema).json_schema(ref_template="#/components/schemas/{model}")
+    definitions = json_schema.pop("$defs", {})
+    content = {"application/json": {"schema": json_schema}}
+    for media_type, description in binary.items():
+        schema = {"type": "string", "format": "binary", "description": description}
+        content[media_type] = {"schema": schema}
+    return {"requestBody": {"required": True, "content": content}, "x-definitions": definitions}

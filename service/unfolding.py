@@ -1,17 +1,74 @@
-"""Turn validated requests into solver calls, and solver results into response bodies."""
+"""Unfold requests in and out: parse JSON or `.npy` bodies, call the solvers, render answers.
+
+Routes stay thin: they call `parse_request`, `solve` and `render` from here.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import orjson
+from fastapi import Request, Response
+from pydantic import TypeAdapter, ValidationError
 
 import solvers
 
-from .errors import InvalidInput
+from .errors import InvalidInput, describe_validation_errors
+from .formats import NPY, SAFETENSORS, read_npy, write_npy, write_safetensors
 from .registry import Entry
+from .responses import JSONResponse
+from .schemas import UnfoldParams, UnfoldRequest
+
+REQUEST_ADAPTER = TypeAdapter(UnfoldRequest)
+PARAMS_ADAPTER = TypeAdapter(UnfoldParams)
+QUERY_PARAMS = ("method", "k", "tol", "alpha", "max_iter", "positive", "output", "top")
+OUTPUT_FIELDS = {"output", "top"}
 
 
-def activations_array(values, d_model: int) -> tuple[np.ndarray, bool]:
-    """Activations as float32 (batch, d_model), and whether a single vector was sent."""
+def validate(schema, data: Any):
+    """`data` validated against a model or annotated type; errors become 422s."""
+    adapter = schema if isinstance(schema, TypeAdapter) else TypeAdapter(schema)
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as error:
+        raise InvalidInput(
+            describe_validation_errors(error.errors()), code="invalid_request"
+        ) from None
+
+
+async def parse_request(request: Request, d_model: int) -> tuple[np.ndarray, Any]:
+    """Activations (batch, d_model) float32 and the validated params, from a JSON body or
+    an `.npy` body with the params in the query string."""
+    body = await request.body()
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if content_type == NPY:
+        query = dict(request.query_params)
+        unknown = sorted(set(query) - set(QUERY_PARAMS))
+        if unknown:
+            raise InvalidInput(
+                f"unknown query parameter(s) {unknown}; use {list(QUERY_PARAMS)}",
+                code="invalid_request",
+            )
+        params = validate(PARAMS_ADAPTER, query)
+        return activations_array(read_npy(body, "activations"), d_model), params
+    if content_type not in ("application/json", ""):
+        raise InvalidInput(
+            f"unsupported Content-Type {content_type!r}; send application/json or {NPY}",
+            code="unsupported_media_type",
+        )
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidInput(f"body is not valid JSON: {error}", code="invalid_request") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("body must be a JSON object", code="invalid_request")
+    request_model = validate(REQUEST_ADAPTER, data)
+    return activations_array(request_model.activations, d_model), request_model
+
+
+def activations_array(values, d_model: int) -> np.ndarray:
+    """Activations as float32 (batch, d_model); a single (d_model,) vector is one row."""
     try:
         with np.errstate(over="ignore"):  # beyond float32 range becomes Inf: refused below
             array = np.asarray(values, dtype=np.float32)
@@ -20,48 +77,89 @@ def activations_array(values, d_model: int) -> tuple[np.ndarray, bool]:
             "activations must be a list of numbers or a list of equally long lists of numbers",
             code="invalid_shape",
         ) from None
-    single = array.ndim == 1
     if array.ndim not in (1, 2) or array.shape[-1] != d_model:
         raise InvalidInput(
             f"activations have shape {list(array.shape)}; this dictionary needs "
             f"(batch, {d_model}) or ({d_model},)",
             code="shape_mismatch",
         )
-    if array.shape[0] == 0 and not single:
+    array = array.reshape(-1, d_model)
+    if array.shape[0] == 0:
         raise InvalidInput("activations is an empty batch; send at least one row", code="empty")
-    if not np.all(np.isfinite(array)):
-        rows = np.flatnonzero(~np.all(np.isfinite(array.reshape(-1, d_model)), axis=1))
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
         raise InvalidInput(
-            f"activations contain NaN or Inf (or values beyond float32 range) in row(s) "
-            f"{rows[:10].tolist()}",
+            "activations contain NaN or Inf (or values beyond float32 range) in row(s) "
+            f"{np.flatnonzero(~finite)[:10].tolist()}",
             code="non_finite",
         )
-    return array.reshape(-1, d_model), single
+    return array
+
+
+def solver_params(params) -> tuple[str, dict]:
+    """(method, keyword arguments for `solvers.unfold`) from validated params."""
+    fields = params.model_dump(exclude_none=True, exclude=OUTPUT_FIELDS | {"activations"})
+    return fields.pop("method"), fields
 
 
 def run(entry: Entry, activations: np.ndarray, method: str, params: dict) -> solvers.UnfoldResult:
-    """Solve; parameter problems the solver finds become 422s."""
+    """Solve; parameter problems the solver finds (k > n_features, ...) become 422s."""
     try:
         return solvers.unfold(activations, entry.prepared, method=method, **params)
     except ValueError as error:
         raise InvalidInput(str(error), code="invalid_parameter") from None
 
 
-def sparse_codes(result: solvers.UnfoldResult) -> list[dict]:
+def check_params(entry: Entry, method: str, params: dict) -> None:
+    """Raise the 422 `run` would, before queueing (so a bad request never joins a batch)."""
+    try:
+        solvers.make_settings(method, entry.prepared, **params)
+    except ValueError as error:
+        raise InvalidInput(str(error), code="invalid_parameter") from None
+
+
+def render(request: Request, entry: Entry, result: solvers.UnfoldResult, params) -> Response:
+    """The answer in the format the `Accept` header asks for (JSON by default)."""
+    accept = request.headers.get("accept", "")
+    if NPY in accept:
+        return Response(write_npy(result.to_dense().astype(np.float32)), media_type=NPY)
+    if SAFETENSORS in accept:
+        tensors = {
+            "indices": result.indices.astype(np.int32),
+            "values": result.values.astype(np.float32),
+            **{name: np.asarray(getattr(result, name)) for name in DIAGNOSTICS},
+        }
+        return Response(write_safetensors(tensors), media_type=SAFETENSORS)
+    return JSONResponse(response_body(result, params, entry.record.labels))
+
+
+DIAGNOSTICS = ("residual_norm", "relative_error", "l0", "n_iter", "status", "duality_gap")
+
+
+def response_body(result: solvers.UnfoldResult, params, labels: list[str] | None) -> dict:
+    body: dict[str, Any] = {}
+    if params.output == "dense":
+        body["dense"] = result.to_dense()
+    else:
+        body["codes"] = sparse_codes(result, params.top, labels)
+    for name in DIAGNOSTICS:
+        body[name] = np.asarray(getattr(result, name))
+    gap = body["duality_gap"]
+    body["duality_gap"] = [None if np.isnan(g) else float(g) for g in gap]
+    body["messages"] = result.messages()
+    return body
+
+
+def sparse_codes(result: solvers.UnfoldResult, top: int | None, labels) -> list[dict]:
     codes = []
     for indices, values in zip(result.indices, result.values, strict=True):
         keep = indices >= 0
-        codes.append({"indices": indices[keep].tolist(), "values": values[keep].tolist()})
+        indices, values = indices[keep], values[keep]
+        if top is not None and len(values) > top:
+            order = np.argsort(-np.abs(values), kind="stable")[:top]
+            indices, values = indices[order], values[order]
+        code: dict[str, Any] = {"indices": indices.tolist(), "values": values.tolist()}
+        if labels is not None:
+            code["labels"] = [labels[i] for i in indices]
+        codes.append(code)
     return codes
-
-
-def response_body(result: solvers.UnfoldResult) -> dict:
-    return {
-        "codes": sparse_codes(result),
-        "residual_norm": result.residual_norm.tolist(),
-        "relative_error": result.relative_error.tolist(),
-        "l0": result.l0.tolist(),
-        "n_iter": result.n_iter.tolist(),
-        "status": result.status.tolist(),
-        "messages": result.messages(),
-    }

@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Response
+import orjson
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from .. import unfolding
 from ..dependencies import RegistryDep, SettingsDep
 from ..errors import InvalidInput
-from ..registry import Entry
-from ..responses import JSONResponse
-from ..schemas import (
-    DictionaryCreate,
-    DictionaryInfo,
-    DictionaryList,
-    UnfoldRequest,
-    UnfoldResponse,
+from ..formats import (
+    NPY,
+    SAFETENSORS,
+    pick_dictionary_tensors,
+    read_npy,
+    read_sae_config,
+    read_safetensors,
 )
+from ..registry import Entry
+from ..schemas import DictionaryCreate, DictionaryInfo, DictionaryList, UnfoldResponse, openapi_body
 
 router = APIRouter(prefix="/v1/dictionaries", tags=["dictionaries"])
 
-ERRORS = {
-    404: {"description": "No dictionary with that id or name"},
-    422: {"description": "Invalid shapes, values or parameters"},
-}
+NOT_FOUND = {404: {"description": "No dictionary with that id or name"}}
+INVALID = {422: {"description": "Invalid shapes, values or parameters"}}
 
 
 def describe(entry: Entry) -> DictionaryInfo:
@@ -44,38 +45,89 @@ def describe(entry: Entry) -> DictionaryInfo:
     )
 
 
+async def read_registration(request: Request) -> DictionaryCreate | dict:
+    """The registration in any accepted format, as keyword arguments of `Registry.register`."""
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    if content_type == "application/json":
+        try:
+            data = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as error:
+            raise InvalidInput(f"body is not valid JSON: {error}", code="invalid_request") from None
+        body = unfolding.validate(DictionaryCreate, data)
+        return {
+            "name": body.name,
+            "directions": _matrix(body.directions),
+            "bias": body.bias,
+            "labels": body.labels,
+            "metadata": body.metadata,
+        }
+    if content_type == NPY:
+        name = request.query_params.get("name")
+        if not name:
+            raise InvalidInput("give the dictionary a name: ?name=...", code="invalid_request")
+        return {"name": name, "directions": read_npy(await request.body(), "directions")}
+    if content_type == "multipart/form-data":
+        return await _read_multipart(request)
+    raise InvalidInput(
+        f"unsupported Content-Type {content_type!r}; send application/json, {NPY} or "
+        "multipart/form-data (a safetensors file, optionally with a SAELens cfg.json)",
+        code="unsupported_media_type",
+    )
+
+
+async def _read_multipart(request: Request) -> dict:
+    form = await request.form()
+    upload = form.get("file")
+    name = form.get("name")
+    if not isinstance(upload, UploadFile) or not isinstance(name, str) or not name:
+        raise InvalidInput(
+            "multipart registration needs a `file` part (safetensors) and a `name` field",
+            code="invalid_request",
+        )
+    tensors = read_safetensors(await upload.read(), "file")
+    directions, bias = pick_dictionary_tensors(tensors, form.get("tensor"), form.get("bias_tensor"))
+    metadata = {}
+    config = form.get("cfg")
+    if isinstance(config, UploadFile):
+        metadata = read_sae_config(await config.read(), directions)
+    return {"name": name, "directions": directions, "bias": bias, "metadata": metadata}
+
+
+def _matrix(rows: list[list[float]]) -> np.ndarray:
+    try:
+        return np.asarray(rows, dtype=np.float32)
+    except ValueError:
+        raise InvalidInput(
+            "directions must be a list of equally long lists of numbers",
+            code="invalid_dictionary",
+        ) from None
+
+
 @router.post(
     "",
     status_code=201,
     summary="Register a dictionary (idempotent for identical content and name)",
+    response_model=DictionaryInfo,
     responses={
-        200: {
-            "description": "Already registered: the existing dictionary",
-            "model": DictionaryInfo,
-        },
+        200: {"description": "Already registered under this name", "model": DictionaryInfo},
         409: {"description": "Name taken, or content registered under another name"},
-        422: ERRORS[422],
+        **INVALID,
     },
+    openapi_extra=openapi_body(
+        DictionaryCreate,
+        {
+            NPY: "Directions (n_features, d_model); the name in the query: ?name=...",
+            "multipart/form-data": "Fields: name, file (safetensors; W_dec/b_dec or the only "
+            "2-D tensor, or name it with `tensor` and `bias_tensor`), cfg (SAELens cfg.json)",
+        },
+    ),
 )
-async def create_dictionary(
-    body: DictionaryCreate, registry: RegistryDep, response: Response
-) -> DictionaryInfo:
-    def register():
-        try:
-            directions = np.asarray(body.directions, dtype=np.float32)
-        except ValueError:
-            raise InvalidInput(
-                "directions must be a list of equally long lists of numbers",
-                code="invalid_dictionary",
-            ) from None
-        return registry.register(
-            body.name, directions, body.bias, labels=body.labels, metadata=body.metadata
-        )
-
-    entry, created = await run_in_threadpool(register)
-    if not created:
-        response.status_code = 200
-    return describe(entry)
+async def create_dictionary(request: Request, registry: RegistryDep):
+    registration = await read_registration(request)
+    entry, created = await run_in_threadpool(lambda: registry.register(**registration))
+    return unfolding.JSONResponse(
+        describe(entry).model_dump(mode="json"), status_code=201 if created else 200
+    )
 
 
 @router.get("", summary="List dictionaries")
@@ -83,14 +135,12 @@ async def list_dictionaries(registry: RegistryDep) -> DictionaryList:
     return DictionaryList(dictionaries=[describe(e) for e in registry.entries()])
 
 
-@router.get("/{ref}", summary="One dictionary, by id or name", responses={404: ERRORS[404]})
+@router.get("/{ref}", summary="One dictionary, by id or name", responses=NOT_FOUND)
 async def get_dictionary(ref: str, registry: RegistryDep) -> DictionaryInfo:
     return describe(registry.get(ref))
 
 
-@router.delete(
-    "/{ref}", status_code=204, summary="Delete a dictionary", responses={404: ERRORS[404]}
-)
+@router.delete("/{ref}", status_code=204, summary="Delete a dictionary", responses=NOT_FOUND)
 async def delete_dictionary(ref: str, registry: RegistryDep) -> Response:
     await run_in_threadpool(registry.delete, ref)
     return Response(status_code=204)
@@ -100,18 +150,31 @@ async def delete_dictionary(ref: str, registry: RegistryDep) -> Response:
     "/{ref}/unfold",
     summary="Sparse codes of activations over the dictionary",
     response_model=UnfoldResponse,
-    responses=ERRORS,
+    responses={
+        **NOT_FOUND,
+        **INVALID,
+        200: {
+            "description": "Codes and per-row diagnostics. `Accept: application/x-npy` gives "
+            "dense codes (batch, n_features) float32; `Accept: application/vnd.safetensors` "
+            "gives tensors indices, values and the diagnostics.",
+            "content": {NPY: {}, SAFETENSORS: {}},
+        },
+    },
+    openapi_extra=openapi_body(
+        unfolding.UnfoldRequest,
+        {NPY: "Activations (batch, d_model) float32; the parameters in the query string"},
+    ),
 )
-async def unfold(ref: str, body: UnfoldRequest, registry: RegistryDep, settings: SettingsDep):
+async def unfold(ref: str, request: Request, registry: RegistryDep, settings: SettingsDep):
     entry = registry.get(ref)
-    activations, _ = unfolding.activations_array(body.activations, entry.record.d_model)
+    activations, params = await unfolding.parse_request(request, entry.record.d_model)
     if activations.shape[0] > settings.max_rows:
         raise InvalidInput(
             f"{activations.shape[0]} rows exceed the limit of {settings.max_rows} per request; "
             "split the batch",
             code="too_many_rows",
         )
-    params = body.model_dump(exclude={"activations", "method"}, exclude_none=True)
-    result = await run_in_threadpool(unfolding.run, entry, activations, body.method, params)
-    # Built by us from the solver's arrays: skip re-validating large bodies.
-    return JSONResponse(unfolding.response_body(result))
+    method, solver_kwargs = unfolding.solver_params(params)
+    unfolding.check_params(entry, method, solver_kwargs)
+    result = await run_in_threadpool(unfolding.run, entry, activations, method, solver_kwargs)
+    return unfolding.render(request, entry, result, params)

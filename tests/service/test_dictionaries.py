@@ -8,6 +8,7 @@ import numpy as np
 
 from service.store import content_id
 from tests.service.conftest import running_client
+from tests.service.helpers import NPY_HEADERS, npy_bytes
 
 
 def test_health_and_readiness(client):
@@ -123,11 +124,21 @@ def test_bad_registrations(client):
 
 
 def test_non_finite_directions_are_refused(client):
+    # NaN is not JSON: strict parsing refuses the token itself.
     body = '{"name": "x", "directions": [[1, NaN], [0, 1]]}'
     response = client.post(
         "/v1/dictionaries", content=body, headers={"content-type": "application/json"}
     )
     assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert "not valid JSON" in response.json()["error"]["message"]
+    # Binary formats can carry NaN: refused by value.
+    directions = np.array([[1, np.nan], [0, 1]], np.float32)
+    response = client.post(
+        "/v1/dictionaries?name=x", content=npy_bytes(directions), headers=NPY_HEADERS
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_dictionary"
     assert "non-finite" in response.json()["error"]["message"]
 
 

@@ -7,6 +7,7 @@ import pytest
 from sklearn.linear_model import orthogonal_mp
 
 from service.demo import demo_dictionary
+from tests.service.helpers import NPY_HEADERS, npy_bytes
 
 
 def test_demo_example_from_the_readme(client):
@@ -66,6 +67,7 @@ def post(client, body, ref="toy"):
         ({"activations": [[[0.0] * 24]]}, 422, "invalid_request"),
         ({"activations": [[0.0] * 24, [0.0] * 23]}, 422, "invalid_shape"),
         ({"activations": []}, 422, "shape_mismatch"),
+        ({"activations": [[]]}, 422, "shape_mismatch"),
         ({"activations": [[0.0] * 24], "k": 0}, 422, "invalid_request"),
         ({"activations": [[0.0] * 24], "k": 65}, 422, "invalid_parameter"),
         ({"activations": [[0.0] * 24], "k": None}, 422, "invalid_parameter"),
@@ -90,12 +92,20 @@ def test_unknown_dictionary_is_404(client):
 
 
 def test_nan_activation_is_refused(client, toy):
-    response = client.post(
+    json_nan = client.post(
         "/v1/dictionaries/toy/unfold",
         content='{"activations": [' + ", ".join(["NaN"] + ["0"] * 23) + "]}",
         headers={"content-type": "application/json"},
     )
-    assert response.status_code == 422 and response.json()["error"]["code"] == "non_finite"
+    assert json_nan.status_code == 422 and json_nan.json()["error"]["code"] == "invalid_request"
+    activations = np.zeros((3, 24), np.float32)
+    activations[1, 4] = np.inf
+    binary_inf = client.post(
+        "/v1/dictionaries/toy/unfold?k=2", content=npy_bytes(activations), headers=NPY_HEADERS
+    )
+    assert binary_inf.status_code == 422
+    assert binary_inf.json()["error"]["code"] == "non_finite"
+    assert "[1]" in binary_inf.json()["error"]["message"]
 
 
 def test_malformed_json_is_422(client, toy):
