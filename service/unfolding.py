@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import TypeAdapter, ValidationError
 
 import solvers
@@ -110,12 +111,23 @@ def run(entry: Entry, activations: np.ndarray, method: str, params: dict) -> sol
         raise InvalidInput(str(error), code="invalid_parameter") from None
 
 
-def check_params(entry: Entry, method: str, params: dict) -> None:
-    """Raise the 422 `run` would, before queueing (so a bad request never joins a batch)."""
+async def solve(entry: Entry, activations: np.ndarray, params, batcher=None):
+    """Codes of validated `activations` (batch, d_model) with validated `params`.
+
+    Parameters are checked against the dictionary first, so a bad request is refused (422)
+    before it can join a batch; then the rows go through the dynamic `batcher` (merged with
+    concurrent requests of the same dictionary and settings), or straight to a worker thread.
+    """
+    method, kwargs = solver_params(params)
     try:
-        solvers.make_settings(method, entry.prepared, **params)
+        settings = solvers.make_settings(method, entry.prepared, **kwargs)
     except ValueError as error:
         raise InvalidInput(str(error), code="invalid_parameter") from None
+    if batcher is None:
+        return await run_in_threadpool(run, entry, activations, method, kwargs)
+    return await batcher.submit(
+        (entry.record.id, settings), activations, lambda rows: run(entry, rows, method, kwargs)
+    )
 
 
 def render(request: Request, entry: Entry, result: solvers.UnfoldResult, params) -> Response:

@@ -174,7 +174,5 @@ async def unfold(ref: str, request: Request, registry: RegistryDep, settings: Se
             "split the batch",
             code="too_many_rows",
         )
-    method, solver_kwargs = unfolding.solver_params(params)
-    unfolding.check_params(entry, method, solver_kwargs)
-    result = await run_in_threadpool(unfolding.run, entry, activations, method, solver_kwargs)
+    result = await unfolding.solve(entry, activations, params)
     return unfolding.render(request, entry, result, params)
