@@ -15,6 +15,7 @@ FROM debian:bookworm-slim AS builder
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 # Optional extra CA certificates (PEM), for builds behind an intercepting HTTPS proxy.
@@ -49,9 +50,11 @@ RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.tom
 COPY README.md ./
 COPY solvers ./solvers
 COPY service ./service
+# pip and setuptools are not needed at run time: drop them from the venv.
 RUN pip install --no-deps . \
  && test -x /opt/venv/bin/unfold \
- && cd / && python3 -c 'import solvers, service'
+ && cd / && python3 -c 'import solvers, service' \
+ && python3 -m pip uninstall -y -q pip setuptools
 
 # ---------------------------------------------------------------------------------------
 FROM debian:bookworm-slim
@@ -59,6 +62,7 @@ FROM debian:bookworm-slim
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --system --uid 10001 --user-group --home-dir /home/unfold --create-home \
