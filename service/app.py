@@ -8,12 +8,18 @@ import logging
 import threading
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
+from .auth import APIKeyMiddleware
+from .batching import Batcher, enable_compilation_cache, warmup
 from .demo import DEMO_NAME, demo_dictionary
 from .errors import install_error_handlers
+from .limits import BodyLimitMiddleware
+from .logs import configure_logging
+from .metrics import Metrics, MetricsMiddleware
 from .registry import Registry
-from .routes import dictionaries, health
+from .routes import dictionaries, health, info, metrics
 from .settings import Settings
 from .store import DictionaryStore
 
@@ -34,6 +40,9 @@ def start_loading(registry: Registry, settings: Settings) -> threading.Thread:
                     metadata={"description": "standard basis + Hadamard basis in 16 dimensions"},
                 )
                 log.info("registered the demo dictionary %r", DEMO_NAME)
+            if settings.warmup:  # compile the default method's batch buckets ahead of requests
+                for entry in registry.entries():
+                    warmup(entry, settings.max_batch_size)
         except Exception:
             log.exception("loading dictionaries failed")
             raise
@@ -49,8 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        configure_logging(settings.log_format)
+        if settings.compilation_cache:
+            enable_compilation_cache(settings.data_dir / "jax-cache")
+        if app.state.batcher.closed:  # the app is started again
+            app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
         app.state.loader = start_loading(app.state.registry, settings)
         yield
+        await app.state.batcher.close()
 
     app = FastAPI(
         title="Unfold",
@@ -62,12 +77,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = Registry(
         DictionaryStore(settings.data_dir), gram_budget_bytes=settings.gram_budget_bytes
     )
+    app.state.metrics = Metrics()
+    app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
     install_error_handlers(app)
+    install_middleware(app, settings)
 
     app.include_router(health.router)
     app.include_router(dictionaries.router)
+    app.include_router(info.router)
+    app.include_router(metrics.router)
     app.openapi = functools.partial(openapi_with_body_definitions, app)
     return app
+
+
+def install_middleware(app: FastAPI, settings: Settings) -> None:
+    """From inner to outer: body-size limit, API keys, request metrics, CORS (outermost, so
+    preflight requests are answered without credentials)."""
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
 
 
 def openapi_with_body_definitions(app: FastAPI) -> dict:

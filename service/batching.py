@@ -158,6 +158,10 @@ class Batcher:
             metrics=metrics,
         )
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def queued_rows(self, key: Hashable) -> int:
         """Rows admitted for `key` and not yet answered."""
         queue = self._queues.get(key)

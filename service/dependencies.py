@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from .batching import Batcher
 from .registry import Registry
 from .settings import Settings
 
@@ -20,3 +21,10 @@ def get_registry(request: Request) -> Registry:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+
+def get_batcher(request: Request) -> Batcher:
+    return request.app.state.batcher
+
+
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]

@@ -1,0 +1,56 @@
+"""What this server is: version, compute backend and the settings that shape its answers."""
+
+from __future__ import annotations
+
+import jax
+from fastapi import APIRouter
+
+from .. import __version__
+from ..dependencies import SettingsDep
+
+router = APIRouter(prefix="/v1", tags=["info"])
+
+EXAMPLE = {
+    "version": "0.1.0",
+    "jax": {"version": "0.4.30", "backend": "cpu", "devices": ["TFRT_CPU_0"]},
+    "batching": {"enabled": True, "max_batch_size": 256, "max_wait_ms": 2.0},
+    "limits": {
+        "max_rows": 65536,
+        "max_body_bytes": 67108864,
+        "max_queue_rows": 4096,
+        "request_timeout_s": 60.0,
+    },
+    "gram_budget_bytes": 536870912,
+    "auth": False,
+    "cors": False,
+}
+
+
+@router.get(
+    "/info",
+    summary="Version, JAX backend and devices, and the serving settings (never the API keys)",
+    responses={200: {"content": {"application/json": {"example": EXAMPLE}}}},
+)
+async def info(settings: SettingsDep) -> dict:
+    return {
+        "version": __version__,
+        "jax": {
+            "version": jax.__version__,
+            "backend": jax.default_backend(),
+            "devices": [str(device) for device in jax.devices()],
+        },
+        "batching": {
+            "enabled": settings.batching,
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+        },
+        "limits": {
+            "max_rows": settings.max_rows,
+            "max_body_bytes": settings.max_body_bytes,
+            "max_queue_rows": settings.max_queue_rows,
+            "request_timeout_s": settings.request_timeout_s,
+        },
+        "gram_budget_bytes": settings.gram_budget_bytes,
+        "auth": bool(settings.api_keys),
+        "cors": bool(settings.cors_origins),
+    }
