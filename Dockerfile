@@ -78,8 +78,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     UNFOLD_DATA_DIR=/data \
     UNFOLD_HOST=0.0.0.0 \
     UNFOLD_PORT=8000 \
-    JAX_PLATFORMS=cpu \
-    JAX_COMPILATION_CACHE_DIR=/data/jax-cache
+    JAX_PLATFORMS=cpu
+# (The service keeps JAX's persistent compilation cache in $UNFOLD_DATA_DIR/jax-cache, i.e. in
+# the volume, unless UNFOLD_COMPILATION_CACHE=false.)
 
 # A named volume mounted here starts with this directory's owner (unfold).
 VOLUME /data
