@@ -19,7 +19,7 @@ from .limits import BodyLimitMiddleware
 from .logs import configure_logging
 from .metrics import Metrics, MetricsMiddleware
 from .registry import Registry
-from .routes import dictionaries, health, info, metrics
+from .routes import dictionaries, health, info, metrics, oip
 from .settings import Settings
 from .store import DictionaryStore
 
@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dictionaries.router)
     app.include_router(info.router)
     app.include_router(metrics.router)
+    app.include_router(oip.router)
     app.openapi = functools.partial(openapi_with_body_definitions, app)
     return app
 

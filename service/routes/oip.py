@@ -1,0 +1,184 @@
+"""The Open Inference Protocol (KServe v2 / Triton REST): health, metadata and inference.
+
+Errors on these routes are this protocol's own JSON, ``{"error": "<message>"}``, not the v1
+``{"error": {"code", "message"}}``: `OIPRoute` renders every `UnfoldError` raised under it
+(422s of the v1 API become the protocol's 400), and a catch-all route answers unknown `/v2`
+paths with a 404 in the same format. The wire format itself lives in `service/oip.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import oip, unfolding
+from ..dependencies import BatcherDep, RegistryDep, SettingsDep
+from ..errors import InvalidInput, NotFound, NotReady, UnfoldError, describe_validation_errors
+from ..responses import JSONResponse
+
+
+def protocol_error(message: str, status_code: int, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+class OIPRoute(APIRoute):
+    """A route whose errors are rendered as ``{"error": "..."}``."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except UnfoldError as error:
+                status = 400 if error.status_code == 422 else error.status_code
+                return protocol_error(error.message, status, getattr(error, "headers", None))
+            except RequestValidationError as error:
+                return protocol_error(describe_validation_errors(error.errors()), 400)
+            except StarletteHTTPException as error:
+                return protocol_error(str(error.detail), error.status_code, error.headers)
+
+        return handle
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=OIPRoute)
+
+ERRORS = {
+    400: {"description": 'Bad request: `{"error": "..."}`'},
+    404: {"description": 'No such model (dictionary) or version: `{"error": "..."}`'},
+}
+
+
+@router.get("", summary="Server metadata: name, version, protocol extensions")
+async def server_metadata() -> dict:
+    return oip.server_metadata()
+
+
+@router.get("/health/live", summary="Liveness (200 while the process answers)")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get(
+    "/health/ready",
+    summary="Readiness: 200 once every stored dictionary is loaded, 503 before",
+    responses={503: {"description": "Still loading dictionaries"}},
+)
+async def ready(registry: RegistryDep) -> dict:
+    if not registry.ready.is_set():
+        raise NotReady("dictionaries are still loading")
+    return {"ready": True}
+
+
+@router.get(
+    "/models/{model}", summary="Model metadata: a dictionary's input and outputs", responses=ERRORS
+)
+@router.get(
+    "/models/{model}/versions/{version}",
+    summary="Model metadata of one version (the dictionary's content id)",
+    responses=ERRORS,
+)
+async def model_metadata(model: str, registry: RegistryDep, version: str | None = None) -> dict:
+    entry = registry.get(model)
+    oip.check_version(entry, version)
+    return oip.model_metadata(entry)
+
+
+@router.get("/models/{model}/ready", summary="Model readiness", responses=ERRORS)
+@router.get(
+    "/models/{model}/versions/{version}/ready", summary="Model readiness", responses=ERRORS
+)
+async def model_ready(model: str, registry: RegistryDep, version: str | None = None) -> dict:
+    entry = registry.get(model)  # registered dictionaries are prepared, hence ready
+    oip.check_version(entry, version)
+    return {"name": entry.record.name, "ready": True}
+
+
+INFER_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "object"},
+                "example": {
+                    "id": "42",
+                    "parameters": {"method": "omp", "k": 2},
+                    "inputs": [
+                        {"name": "activations", "shape": [1, 4], "datatype": "FP32",
+                         "data": [0.6, 0.8, 0, 0]}
+                    ],
+                    "outputs": [{"name": "indices"}, {"name": "values"}],
+                },
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Binary tensor data extension: JSON header of "
+                "`Inference-Header-Content-Length` bytes, then the tensors' bytes.",
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/models/{model}/infer",
+    summary="Unfold activations (Open Inference Protocol inference)",
+    responses=ERRORS,
+    openapi_extra=INFER_DOC,
+)
+@router.post(
+    "/models/{model}/versions/{version}/infer",
+    summary="Unfold activations with one version (content id) of the dictionary",
+    responses=ERRORS,
+    openapi_extra=INFER_DOC,
+)
+async def infer(
+    model: str,
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    batcher: BatcherDep,
+    version: str | None = None,
+) -> Response:
+    entry = registry.get(model)
+    oip.check_version(entry, version)
+    body = oip.decompress(
+        await request.body(),
+        request.headers.get("content-encoding"),
+        settings.max_body_bytes or None,
+    )
+    decoded = oip.decode_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
+    activations = unfolding.activations_array(decoded.activations, entry.record.d_model)
+    if activations.shape[0] > settings.max_rows:
+        raise InvalidInput(
+            f"{activations.shape[0]} rows exceed the limit of {settings.max_rows} per request; "
+            "split the batch",
+            code="too_many_rows",
+        )
+    result = await unfolding.solve(entry, activations, decoded.params, batcher)
+    content, header_length = oip.encode_infer_response(entry, decoded, result)
+    content, encoding = oip.compress(content, request.headers.get("accept-encoding"))
+    headers = {}
+    if header_length is not None:
+        headers[oip.HEADER_LENGTH] = str(header_length)
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+    media_type = "application/json" if header_length is None else "application/octet-stream"
+    return Response(content, media_type=media_type, headers=headers)
+
+
+@router.api_route(
+    "/{path:path}",
+    methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"],
+    include_in_schema=False,
+)
+async def unknown(path: str, request: Request) -> Response:
+    """Anything else under /v2 (model repository, config, statistics, ...): a protocol 404."""
+    raise NotFound(
+        f"no route {request.method} /v2/{path}; this server implements /v2, /v2/health/live, "
+        "/v2/health/ready, /v2/models/{model}[/versions/{version}][/ready|/infer]"
+    )
