@@ -234,9 +234,8 @@ def _decode_inputs(inputs, binary) -> np.ndarray:
 def _decode_tensor(tensor: dict, binary, offset: int) -> tuple[np.ndarray, int]:
     name = tensor["name"]
     shape = tensor.get("shape")
-    if (
-        not isinstance(shape, list)
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise bad(f"input {name!r}: `shape` must be a list of non-negative integers")
     datatype = tensor.get("datatype")

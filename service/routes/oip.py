@@ -89,9 +89,7 @@ async def model_metadata(model: str, registry: RegistryDep, version: str | None 
 
 
 @router.get("/models/{model}/ready", summary="Model readiness", responses=ERRORS)
-@router.get(
-    "/models/{model}/versions/{version}/ready", summary="Model readiness", responses=ERRORS
-)
+@router.get("/models/{model}/versions/{version}/ready", summary="Model readiness", responses=ERRORS)
 async def model_ready(model: str, registry: RegistryDep, version: str | None = None) -> dict:
     entry = registry.get(model)  # registered dictionaries are prepared, hence ready
     oip.check_version(entry, version)
@@ -108,8 +106,12 @@ INFER_DOC = {
                     "id": "42",
                     "parameters": {"method": "omp", "k": 2},
                     "inputs": [
-                        {"name": "activations", "shape": [1, 4], "datatype": "FP32",
-                         "data": [0.6, 0.8, 0, 0]}
+                        {
+                            "name": "activations",
+                            "shape": [1, 4],
+                            "datatype": "FP32",
+                            "data": [0.6, 0.8, 0, 0],
+                        }
                     ],
                     "outputs": [{"name": "indices"}, {"name": "values"}],
                 },
