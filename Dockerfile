@@ -18,11 +18,14 @@ RUN apt-get update \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
-# Optional extra CA certificates (PEM), for builds behind an intercepting HTTPS proxy.
-# Empty by default, and then this step changes nothing. Only the builder stage sees it.
+# Optional extra CA certificates (PEM, one or more), for builds behind an intercepting HTTPS
+# proxy. Empty by default, and then this step changes nothing. Only the builder stage sees it.
+# One file per certificate (extra-1.crt, ...), as update-ca-certificates expects.
 ARG EXTRA_CA_CERTS=""
 RUN if [ -n "$EXTRA_CA_CERTS" ]; then \
-        printf '%s\n' "$EXTRA_CA_CERTS" > /usr/local/share/ca-certificates/extra.crt \
+        printf '%s\n' "$EXTRA_CA_CERTS" \
+          | awk '/-----BEGIN CERTIFICATE-----/ { n++ } n { print > ("/usr/local/share/ca-certificates/extra-" n ".crt") }' \
+     && ls /usr/local/share/ca-certificates/extra-1.crt > /dev/null \
      && update-ca-certificates; \
     fi
 
