@@ -1,10 +1,38 @@
-"""The `unfold` command line."""
+"""The `unfold` command line: serve, manage dictionaries, unfold files of activations.
+
+Commands that talk to dictionaries run against a server when one is given (`--url` or
+``UNFOLD_URL``, with `--api-key` or ``UNFOLD_API_KEY``), else in-process on the local data
+directory (`--data-dir` or ``UNFOLD_DATA_DIR``, default ``./data``), the same one
+`unfold serve` uses. `unfold run` in-process also takes a dictionary file or SAELens folder
+in place of a dictionary name.
+
+Exit codes: 0 success, 1 failure (one line on stderr: unknown dictionary, unreadable file,
+server down, ...), 2 bad usage, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
 import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+METHODS = ("omp", "ista", "fista", "lasso")
+
+
+class CLIError(Exception):
+    """A failure worth one line on stderr and exit code 1."""
+
+
+# serve
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -33,27 +61,472 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Where dictionaries live: a server, or the local data directory.
+
+
+class Remote:
+    """Dictionaries on a server, through `service.client.UnfoldClient`."""
+
+    def __init__(self, url: str, api_key: str | None, batch_size: int = 4096):
+        from .client import UnfoldClient
+
+        self.client = UnfoldClient(url, api_key, chunk_rows=batch_size)
+        self.where = url
+
+    def add(self, name: str, path: Path, tensor: str | None, bias_tensor: str | None) -> dict:
+        return self.client.register_file(name, path, tensor=tensor, bias_tensor=bias_tensor)
+
+    def list(self) -> list[dict]:
+        return self.client.list()
+
+    def show(self, ref: str) -> dict:
+        return self.client.get(ref)
+
+    def remove(self, ref: str) -> dict:
+        info = self.client.get(ref)
+        self.client.delete(ref)
+        return info
+
+    def solver(self, ref: str, method: str, params: dict):
+        """(solve(rows) -> result, description of the dictionary)."""
+        info = self.client.get(ref)
+        return (lambda rows: self.client.unfold(ref, rows, method, **params)), info
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Local:
+    """Dictionaries in a local data directory (the store `unfold serve` uses), no server.
+
+    Do not point it at a data directory a running server uses: the server would not see
+    changes until restarted, and opening the store clears its staging area.
+    """
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir)
+        self.where = f"data directory {self.data_dir.resolve()}"
+        self._store = None
+
+    @property
+    def store(self):
+        from .store import DictionaryStore
+
+        if self._store is None:
+            self._store = DictionaryStore(self.data_dir)
+        return self._store
+
+    def add(self, name: str, path: Path, tensor: str | None, bias_tensor: str | None) -> dict:
+        from .registry import Registry
+
+        directions, bias, metadata = read_dictionary_file(path, tensor, bias_tensor)
+        registry = Registry(self.store, gram_budget_bytes=0)  # no Gram: only registering
+        registry.load_stored()  # so that names and contents are checked against the others
+        entry, _ = registry.register(name, directions, bias, metadata=metadata)
+        return describe_record(entry.record)
+
+    def records(self):
+        return list(self.store.load_all())
+
+    def list(self) -> list[dict]:
+        return [describe_record(record) for record in self.records()]
+
+    def find(self, ref: str):
+        for record in self.records():
+            if ref in (record.id, record.name):
+                return record
+        raise CLIError(f"no dictionary with id or name {ref!r} in {self.where}")
+
+    def show(self, ref: str) -> dict:
+        return describe_record(self.find(ref))
+
+    def remove(self, ref: str) -> dict:
+        record = self.find(ref)
+        self.store.delete(record.id)
+        return describe_record(record)
+
+    def solver(self, ref: str, method: str, params: dict):
+        import solvers
+
+        from . import unfolding
+
+        path = Path(ref)
+        if path.exists():
+            directions, bias, _ = read_dictionary_file(path, None, None)
+            info = {"name": path.name, "id": None}
+        else:
+            record = self.find(ref)
+            directions, bias = record.directions, record.bias
+            info = describe_record(record)
+        prepared = solvers.prepare(directions, bias)
+        info["n_features"], info["d_model"] = prepared.atoms.shape
+        validated = unfolding.validate(unfolding.PARAMS_ADAPTER, {"method": method, **params})
+        method, kwargs = unfolding.solver_params(validated)
+        solvers.make_settings(method, prepared, **kwargs)  # parameter errors before any work
+
+        def solve(rows: np.ndarray):
+            return solvers.unfold(rows, prepared, method=method, **kwargs)
+
+        return solve, info
+
+    def close(self) -> None:
+        pass
+
+
+def describe_record(record) -> dict:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "n_features": record.n_features,
+        "d_model": record.d_model,
+        "has_bias": record.bias is not None,
+        "labels": len(record.labels or ()),
+        "metadata": record.metadata,
+        "created_at": record.created_at,
+    }
+
+
+def read_dictionary_file(path: Path, tensor: str | None, bias_tensor: str | None):
+    """(directions, bias, metadata) from a .npy, a .safetensors or a SAELens folder."""
+    from .formats import pick_dictionary_tensors, read_npy, read_sae_config, read_safetensors
+
+    path = Path(path)
+    if path.is_dir():
+        weights, config = path / "sae_weights.safetensors", path / "cfg.json"
+        if not weights.is_file():
+            raise CLIError(f"{path} is not a SAELens folder: no sae_weights.safetensors in it")
+        tensors = read_safetensors(weights.read_bytes(), str(weights))
+        directions, bias = pick_dictionary_tensors(tensors, tensor, bias_tensor)
+        metadata = read_sae_config(config.read_bytes(), directions) if config.is_file() else {}
+        return directions, bias, metadata
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return read_npy(path.read_bytes(), str(path)), None, {}
+    if suffix == ".safetensors":
+        tensors = read_safetensors(path.read_bytes(), str(path))
+        directions, bias = pick_dictionary_tensors(tensors, tensor, bias_tensor)
+        return directions, bias, {}
+    raise CLIError(f"{path}: give a .npy or .safetensors file, or a SAELens folder")
+
+
+def backend(args: argparse.Namespace, batch_size: int = 4096):
+    if args.url:
+        return Remote(args.url, args.api_key, batch_size)
+    return Local(args.data_dir)
+
+
+# dict add | list | show | rm
+
+
+def dict_add(args: argparse.Namespace) -> int:
+    with contextlib.closing(backend(args)) as where:
+        info = where.add(args.name, Path(args.path), args.tensor, args.bias_tensor)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(
+            f"registered {info['name']} (id {info['id']}, {info['n_features']} features x "
+            f"{info['d_model']} dimensions)"
+        )
+    return 0
+
+
+def dict_list(args: argparse.Namespace) -> int:
+    with contextlib.closing(backend(args)) as where:
+        infos = where.list()
+    if args.json:
+        print(json.dumps(infos, indent=2))
+        return 0
+    if not infos:
+        print(f"no dictionaries in {where.where}", file=sys.stderr)
+        return 0
+    rows = [("NAME", "ID", "FEATURES", "D_MODEL", "BIAS")]
+    rows += [
+        (
+            i["name"],
+            i["id"],
+            str(i["n_features"]),
+            str(i["d_model"]),
+            "yes" if i["has_bias"] else "no",
+        )
+        for i in infos
+    ]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def dict_show(args: argparse.Namespace) -> int:
+    with contextlib.closing(backend(args)) as where:
+        print(json.dumps(where.show(args.ref), indent=2))
+    return 0
+
+
+def dict_rm(args: argparse.Namespace) -> int:
+    with contextlib.closing(backend(args)) as where:
+        info = where.remove(args.ref)
+    print(f"deleted {info['name']} (id {info['id']})")
+    return 0
+
+
+# run
+
+
+def read_activations(path: Path, tensor: str | None) -> np.ndarray:
+    """Activations of shape (..., d_model) from a .npy file (memory-mapped) or a safetensors
+    file (the tensor `tensor`, or its only tensor)."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as error:
+            raise CLIError(f"{path}: not a numeric .npy file ({error})") from None
+    elif suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="np") as file:
+                names = list(file.keys())
+                if tensor is None:
+                    if len(names) != 1:
+                        raise CLIError(
+                            f"{path} holds tensors {names}; choose one with --input-tensor"
+                        )
+                    tensor = names[0]
+                if tensor not in names:
+                    raise CLIError(f"{path} has no tensor {tensor!r}; it holds {names}")
+                array = file.get_tensor(tensor)
+        except CLIError:
+            raise
+        except Exception as error:  # truncated file, bfloat16 (numpy has no such dtype), ...
+            raise CLIError(f"{path}: cannot read safetensors ({error})") from None
+    else:
+        raise CLIError(f"{path}: activations must be a .npy or .safetensors file")
+    if array.ndim == 0 or not np.issubdtype(array.dtype, np.number):
+        raise CLIError(f"{path}: activations must be a numeric array of shape (..., d_model)")
+    return array
+
+
+def solver_params(args: argparse.Namespace) -> dict:
+    params = {"k": args.k, "tol": args.tol, "alpha": args.alpha, "max_iter": args.max_iter}
+    params = {key: value for key, value in params.items() if value is not None}
+    if args.positive:
+        params["positive"] = True
+    return params
+
+
+def run(args: argparse.Namespace) -> int:
+    from safetensors.numpy import save_file
+    from tqdm import tqdm
+
+    from .client import UnfoldResult
+
+    if args.batch_size < 1:
+        raise CLIError("--batch-size must be at least 1")
+    activations = read_activations(Path(args.input), args.input_tensor)
+    lead, d_model = activations.shape[:-1], activations.shape[-1]
+    rows = activations.reshape(-1, d_model)
+    if rows.shape[0] == 0:
+        raise CLIError(f"{args.input} holds no activations (shape {list(activations.shape)})")
+    params = solver_params(args)
+    with contextlib.closing(backend(args, args.batch_size)) as where:
+        solve, info = where.solver(args.dictionary, args.method, params)
+        if info["d_model"] != d_model:
+            raise CLIError(
+                f"{args.input} has d_model={d_model} (shape {list(activations.shape)}); "
+                f"dictionary {info['name']} needs {info['d_model']}"
+            )
+        parts, started = [], time.perf_counter()
+        with tqdm(
+            total=rows.shape[0], unit="row", file=sys.stderr, disable=args.quiet, desc="unfold"
+        ) as progress:
+            for start in range(0, rows.shape[0], args.batch_size):
+                batch = np.asarray(rows[start : start + args.batch_size], dtype=np.float32)
+                parts.append(as_client_result(solve(batch), info["n_features"]))
+                progress.update(batch.shape[0])
+        elapsed = time.perf_counter() - started
+    result = UnfoldResult.concatenate(parts).reshape(lead)
+    metadata = {
+        "dictionary": str(info.get("id") or info["name"]),
+        "dictionary_name": str(info["name"]),
+        "n_features": str(info["n_features"]),
+        "method": args.method,
+        "params": json.dumps(params),
+        "input_shape": json.dumps(list(activations.shape)),
+    }
+    output = Path(args.output)
+    partial = output.with_name(output.name + ".partial")
+    save_file({k: np.ascontiguousarray(v) for k, v in result.tensors().items()}, partial, metadata)
+    os.replace(partial, output)
+    print(summary(result, elapsed, output), file=sys.stderr)
+    return 0
+
+
+def as_client_result(result, n_features: int):
+    """A `client.UnfoldResult` from a `solvers.UnfoldResult` (in-process) or itself."""
+    from .client import DIAGNOSTICS, UnfoldResult
+
+    if isinstance(result, UnfoldResult):
+        return result
+    return UnfoldResult(
+        indices=np.asarray(result.indices, np.int32),
+        values=np.asarray(result.values, np.float32),
+        **{name: np.asarray(getattr(result, name)) for name in DIAGNOSTICS},
+        n_features=n_features,
+    )
+
+
+def summary(result, elapsed: float, output: Path) -> str:
+    import solvers
+
+    n = result.l0.size
+    statuses = np.unique(result.status.ravel(), return_counts=True)
+    counts = ", ".join(
+        f"{count} {solvers.Status(int(status)).name.lower()}"
+        for status, count in zip(*statuses, strict=True)
+    )
+    return (
+        f"{n} rows in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.0f} rows/s); "
+        f"mean L0 {result.l0.mean():.2f}; mean relative error {result.relative_error.mean():.4g}; "
+        f"status: {counts}; wrote {output}"
+    )
+
+
+# The parser.
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unfold",
         description="Unfold: compressed-sensing unfolding of superposed activations.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"unfold {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     serve_parser = commands.add_parser(
         "serve",
         help="run the REST service",
-        description="Run the REST service. Each option is also an UNFOLD_* environment variable.",
+        description="Run the REST service (one process: dictionaries, the dynamic batcher and "
+        "compiled programs live in its memory). Each option is also an UNFOLD_* environment "
+        "variable.",
     )
     serve_parser.add_argument("--host", help="interface (UNFOLD_HOST, default 127.0.0.1)")
     serve_parser.add_argument("--port", type=int, help="port (UNFOLD_PORT, default 8000)")
     serve_parser.add_argument("--data-dir", help="data directory (UNFOLD_DATA_DIR, default ./data)")
     serve_parser.set_defaults(handler=serve)
+
+    where = argparse.ArgumentParser(add_help=False)
+    group = where.add_argument_group("where the dictionaries are")
+    group.add_argument(
+        "--url",
+        default=os.environ.get("UNFOLD_URL") or None,
+        help="an Unfold server, e.g. http://127.0.0.1:8000 (UNFOLD_URL); without one, work "
+        "in-process on --data-dir",
+    )
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("UNFOLD_API_KEY") or None,
+        help="the server's API key (UNFOLD_API_KEY)",
+    )
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("UNFOLD_DATA_DIR") or "data"),
+        help="local data directory when no --url is given (UNFOLD_DATA_DIR, default ./data); "
+        "not one a running server uses",
+    )
+
+    dict_parser = commands.add_parser(
+        "dict",
+        help="add, list, show or remove dictionaries",
+        description="Manage dictionaries on a server (--url) or in a local data directory.",
+    )
+    dict_commands = dict_parser.add_subparsers(dest="dict_command", required=True, metavar="ACTION")
+    add = dict_commands.add_parser(
+        "add",
+        parents=[where],
+        help="register a dictionary from a file",
+        description="Register a dictionary: a .npy file of shape (n_features, d_model), a "
+        ".safetensors file (W_dec/b_dec, its only 2-D tensor, or --tensor/--bias-tensor), or a "
+        "SAELens folder (cfg.json + sae_weights.safetensors).",
+    )
+    add.add_argument("name", help="unique name: a letter, then letters, digits, '.', '_', '-'")
+    add.add_argument("path", help=".npy, .safetensors, or a SAELens folder")
+    add.add_argument("--tensor", help="safetensors: the tensor of directions")
+    add.add_argument("--bias-tensor", help="safetensors: the tensor of the bias (d_model,)")
+    add.add_argument("--json", action="store_true", help="print the description as JSON")
+    add.set_defaults(handler=dict_add)
+    lister = dict_commands.add_parser(
+        "list", parents=[where], help="list dictionaries", description="List dictionaries."
+    )
+    lister.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    lister.set_defaults(handler=dict_list)
+    show = dict_commands.add_parser(
+        "show",
+        parents=[where],
+        help="describe one dictionary",
+        description="Print one dictionary's description (JSON).",
+    )
+    show.add_argument("ref", help="id or name")
+    show.set_defaults(handler=dict_show)
+    remove = dict_commands.add_parser(
+        "rm", parents=[where], help="delete a dictionary", description="Delete a dictionary."
+    )
+    remove.add_argument("ref", help="id or name")
+    remove.set_defaults(handler=dict_rm)
+
+    runner = commands.add_parser(
+        "run",
+        parents=[where],
+        help="unfold a file of activations into a safetensors file",
+        description="Unfold every activation of INPUT (.npy or .safetensors, shape (batch, "
+        "d_model), (batch, pos, d_model) or any (..., d_model)) over dictionary DICTIONARY and "
+        "write OUTPUT (safetensors: indices, values, residual_norm, relative_error, l0, n_iter, "
+        "status, duality_gap, with the input's leading shape). Prints a summary on stderr.",
+    )
+    runner.add_argument(
+        "dictionary",
+        metavar="DICTIONARY",
+        help="id or name; in-process also a dictionary file or SAELens folder",
+    )
+    runner.add_argument("input", metavar="INPUT", help="activations: .npy or .safetensors")
+    runner.add_argument("output", metavar="OUTPUT", help="where to write the codes (safetensors)")
+    runner.add_argument("--input-tensor", help="the tensor of INPUT to read (safetensors)")
+    runner.add_argument("--method", choices=METHODS, default="omp", help="solver (default omp)")
+    runner.add_argument("--k", type=int, help="omp: most atoms per row (server default 8)")
+    runner.add_argument(
+        "--tol", type=float, help="omp: residual norm to stop at; l1 methods: duality-gap tol"
+    )
+    runner.add_argument("--alpha", type=float, help="ista/fista/lasso: the l1 penalty")
+    runner.add_argument("--max-iter", type=int, help="ista/fista/lasso: iterations per row")
+    runner.add_argument("--positive", action="store_true", help="codes >= 0")
+    runner.add_argument(
+        "--batch-size", type=int, default=1024, help="rows per solve or request (default 1024)"
+    )
+    runner.add_argument("--quiet", action="store_true", help="no progress bar")
+    runner.set_defaults(handler=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    from .client import UnfoldClientError
+    from .errors import UnfoldError
+
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("unfold: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, UnfoldClientError, OSError, ValueError) as error:
+        message = str(error)
+    except UnfoldError as error:  # in-process: the same checks the server makes
+        message = error.message
+    print(f"unfold: error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
