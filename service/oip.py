@@ -181,7 +181,8 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
     try:
         request = orjson.loads(header)
     except orjson.JSONDecodeError as error:
-        raise bad(f"the inference request is not valid JSON ({error})") from None
+        hint = "" if header_length else f"; binary tensor data needs the {HEADER_LENGTH} header"
+        raise bad(f"the inference request is not valid JSON ({error}){hint}") from None
     if not isinstance(request, dict):
         raise bad("the inference request must be a JSON object")
     request_id = request.get("id")
