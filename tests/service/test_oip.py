@@ -173,7 +173,7 @@ def test_infer_errors_reach_tritonclient(server):
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory):
     directions, _, _ = toy_problem()
-    with running_client(tmp_path_factory.mktemp("oip-app")) as client:
+    with running_client(tmp_path_factory.mktemp("oip-app"), warmup=False) as client:
         created = client.post(
             "/v1/dictionaries", json={"name": "toy", "directions": directions.tolist()}
         )
