@@ -126,6 +126,8 @@ class Local:
         return describe_record(entry.record)
 
     def records(self):
+        if not (self.data_dir / "dictionaries").is_dir():  # nothing stored: create nothing
+            return []
         return list(self.store.load_all())
 
     def list(self) -> list[dict]:

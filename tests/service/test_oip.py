@@ -88,6 +88,7 @@ def test_infer_recovers_ground_truth(server, binary_in, binary_out):
             triton.InferRequestedOutput("codes", binary_data=binary_out),
             triton.InferRequestedOutput("indices", binary_data=binary_out),
             triton.InferRequestedOutput("l0", binary_data=binary_out),
+            triton.InferRequestedOutput("duality_gap", binary_data=binary_out),
         ],
         parameters={"method": "omp", "k": 3},
         request_id="r1",
@@ -100,6 +101,7 @@ def test_infer_recovers_ground_truth(server, binary_in, binary_out):
     for row, truth in zip(indices, codes, strict=True):
         assert set(row.tolist()) == set(np.flatnonzero(truth).tolist())
     assert result.as_numpy("l0").tolist() == [3] * 6
+    assert np.isnan(result.as_numpy("duality_gap")).all()  # OMP has none: NaN, null in JSON
     assert result.as_numpy("values") is None  # not requested
     response = result.get_response()
     assert response["model_name"] == "toy" and response["model_version"] == dictionary_id
