@@ -1,0 +1,254 @@
+"""The dynamic batcher: merging, slicing, isolation of failures, queue limit, timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+import solvers
+from service.batching import Batcher, bucket_sizes, slice_result
+from service.demo import demo_dictionary
+from service.errors import Overloaded, Timeout
+from service.metrics import Metrics
+
+
+class Result(NamedTuple):
+    doubled: np.ndarray  # (batch, d)
+    row_sum: np.ndarray  # (batch,)
+    width: int
+
+
+class Recorder:
+    """A solve function that records the rows of every call; fails on rows holding NaN."""
+
+    def __init__(self, release: threading.Event | None = None):
+        self.calls: list[np.ndarray] = []
+        self.started = threading.Event()
+        self.release = release
+
+    def __call__(self, rows: np.ndarray) -> Result:
+        self.calls.append(rows.copy())
+        self.started.set()
+        if self.release is not None and not self.release.wait(timeout=30):
+            raise RuntimeError("test never released the solve")
+        if np.isnan(rows).any():
+            raise ValueError("NaN in rows")
+        return Result(2 * rows, rows.sum(axis=1), rows.shape[1])
+
+
+def rows_of(n: int, start: float, d: int = 3) -> np.ndarray:
+    return (start + np.arange(n * d, dtype=np.float32)).reshape(n, d)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_concurrent_requests_are_merged_into_one_call_with_correct_slices():
+    solve = Recorder()
+    requests = [rows_of(n, 100 * i) for i, n in enumerate([1, 2, 3, 1, 1])]
+
+    async def main():
+        # A long wait: the batch fires because it is full (8 rows), not because time ran out.
+        batcher = Batcher(max_batch_size=8, max_wait_ms=10_000)
+        try:
+            return await asyncio.gather(*(batcher.submit("k", r, solve) for r in requests))
+        finally:
+            await batcher.close()
+
+    results = run(main())
+    assert len(solve.calls) == 1 and solve.calls[0].shape == (8, 3)
+    for rows, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result.doubled, 2 * rows)
+        np.testing.assert_array_equal(result.row_sum, rows.sum(axis=1))
+        assert result.width == 3
+
+
+def test_batches_respect_max_batch_size_and_big_requests_run_alone():
+    solve = Recorder()
+    sizes = [3, 3, 3, 20, 1]
+
+    async def main():
+        batcher = Batcher(max_batch_size=6, max_wait_ms=20)
+        try:
+            return await asyncio.gather(
+                *(batcher.submit("k", rows_of(n, i), solve) for i, n in enumerate(sizes))
+            )
+        finally:
+            await batcher.close()
+
+    results = run(main())
+    assert [c.shape[0] for c in solve.calls] == [6, 3, 20, 1]
+    assert [r.doubled.shape[0] for r in results] == sizes
+
+
+def test_different_keys_are_not_merged():
+    solve = Recorder()
+
+    async def main():
+        batcher = Batcher(max_batch_size=2, max_wait_ms=10_000)
+        try:
+            return await asyncio.gather(
+                batcher.submit(("a", 1), rows_of(1, 0), solve),
+                batcher.submit(("b", 1), rows_of(1, 10), solve),
+                batcher.submit(("a", 1), rows_of(1, 20), solve),
+                batcher.submit(("b", 1), rows_of(1, 30), solve),
+            )
+        finally:
+            await batcher.close()
+
+    results = run(main())
+    assert sorted(c[0, 0] for c in solve.calls) == [0, 10]  # two calls, one per key
+    assert [r.doubled[0, 0] for r in results] == [0, 20, 40, 60]
+
+
+def test_a_failing_merged_solve_falls_back_so_only_the_culprit_fails():
+    solve = Recorder()
+    bad = rows_of(2, 50)
+    bad[1, 1] = np.nan
+    requests = [rows_of(1, 0), bad, rows_of(3, 10)]
+
+    async def main():
+        batcher = Batcher(max_batch_size=6, max_wait_ms=10_000)
+        try:
+            return await asyncio.gather(
+                *(batcher.submit("k", r, solve) for r in requests), return_exceptions=True
+            )
+        finally:
+            await batcher.close()
+
+    good_1, failed, good_2 = run(main())
+    assert isinstance(failed, ValueError) and "NaN" in str(failed)
+    np.testing.assert_array_equal(good_1.doubled, 2 * requests[0])
+    np.testing.assert_array_equal(good_2.doubled, 2 * requests[2])
+    assert [c.shape[0] for c in solve.calls] == [6, 1, 2, 3]  # merged, then each alone
+
+
+def test_batching_off_solves_each_request_alone():
+    solve = Recorder()
+    requests = [rows_of(n, 10 * i) for i, n in enumerate([1, 2, 1, 4])]
+
+    async def main():
+        batcher = Batcher(enabled=False, max_batch_size=64, max_wait_ms=10_000)
+        try:
+            return await asyncio.gather(*(batcher.submit("k", r, solve) for r in requests))
+        finally:
+            await batcher.close()
+
+    results = run(main())
+    assert sorted(c.shape[0] for c in solve.calls) == [1, 1, 2, 4]
+    for rows, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result.doubled, 2 * rows)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_full_queue_refuses_at_once_with_retry_after(enabled):
+    release = threading.Event()
+    solve = Recorder(release)
+
+    async def main():
+        batcher = Batcher(enabled=enabled, max_queue_rows=3, max_wait_ms=0, retry_after_s=7)
+        try:
+            first = asyncio.create_task(batcher.submit("k", rows_of(2, 0), solve))
+            await asyncio.to_thread(solve.started.wait, 30)  # 2 rows are being solved
+            assert batcher.queued_rows("k") == 2
+            second = asyncio.create_task(batcher.submit("k", rows_of(1, 0), solve))  # 3: fits
+            await asyncio.sleep(0)
+            with pytest.raises(Overloaded) as refused:
+                await batcher.submit("k", rows_of(1, 0), solve)  # 4 > 3
+            other_key = asyncio.create_task(batcher.submit("other", rows_of(1, 0), solve))
+            release.set()
+            results = await asyncio.gather(first, second, other_key)
+            assert batcher.queued_rows("k") == 0
+            after = await batcher.submit("k", rows_of(3, 0), solve)  # room again
+            return refused.value, results, after
+        finally:
+            release.set()
+            await batcher.close()
+
+    error, results, after = run(main())
+    assert error.status_code == 429 and error.headers == {"Retry-After": "7"}
+    assert [r.doubled.shape[0] for r in results] == [2, 1, 1] and after.doubled.shape[0] == 3
+
+
+def test_a_request_larger_than_the_queue_limit_is_admitted_when_nothing_is_queued():
+    solve = Recorder()
+
+    async def main():
+        batcher = Batcher(max_queue_rows=2, max_batch_size=2)
+        try:
+            return await batcher.submit("k", rows_of(5, 0), solve)
+        finally:
+            await batcher.close()
+
+    assert run(main()).doubled.shape == (5, 3)
+
+
+def test_timeout_answers_504_and_drops_the_queued_request():
+    release = threading.Event()
+    solve = Recorder(release)
+
+    async def main():
+        batcher = Batcher(max_batch_size=1, max_wait_ms=0, timeout_s=0.2)
+        try:
+            running = asyncio.create_task(batcher.submit("k", rows_of(1, 0), solve))
+            await asyncio.to_thread(solve.started.wait, 30)
+            queued = asyncio.create_task(batcher.submit("k", rows_of(2, 100), solve))
+            outcomes = await asyncio.gather(running, queued, return_exceptions=True)
+            assert batcher.queued_rows("k") == 1  # the running solve still holds its row
+            release.set()
+            while batcher.queued_rows("k"):
+                await asyncio.sleep(0.01)
+            return outcomes
+        finally:
+            release.set()
+            await batcher.close()
+
+    outcomes = run(main())
+    assert all(isinstance(o, Timeout) for o in outcomes)
+    assert outcomes[0].status_code == 504 and outcomes[0].code == "timeout"
+    assert [c[0, 0] for c in solve.calls] == [0]  # the queued request never reached the solver
+
+
+def test_merged_unfold_results_equal_solving_each_request_alone():
+    directions, _ = demo_dictionary()
+    prepared = solvers.prepare(directions)
+    rng = np.random.default_rng(1)
+    requests = [rng.standard_normal((n, 16)).astype(np.float32) for n in (1, 3, 2)]
+    metrics = Metrics()
+
+    def solve(rows):
+        return solvers.unfold(rows, prepared, method="omp", k=4)
+
+    async def main():
+        batcher = Batcher(max_batch_size=6, max_wait_ms=10_000, metrics=metrics)
+        try:
+            return await asyncio.gather(*(batcher.submit(("demo", 4), r, solve) for r in requests))
+        finally:
+            await batcher.close()
+
+    results = run(main())
+    for rows, result in zip(requests, results, strict=True):
+        alone = solve(rows)
+        assert isinstance(result, solvers.UnfoldResult) and result.n_features == 32
+        for name, value in alone._asdict().items():
+            np.testing.assert_allclose(getattr(result, name), value, rtol=1e-5, atol=1e-6)
+    registry = metrics.registry
+    assert registry.get_sample_value("unfold_batch_size_count") == 1
+    assert registry.get_sample_value("unfold_batch_size_sum") == 6
+    assert registry.get_sample_value("unfold_rows_total") == 6
+    assert registry.get_sample_value("unfold_queue_depth", {"dictionary": "demo"}) == 0
+
+
+def test_slice_result_and_bucket_sizes():
+    result = Result(np.arange(12).reshape(4, 3), np.arange(4), 3)
+    part = slice_result(result, slice(1, 3))
+    np.testing.assert_array_equal(part.doubled, [[3, 4, 5], [6, 7, 8]])
+    assert part.row_sum.tolist() == [1, 2] and part.width == 3
+    assert bucket_sizes(256) == [8, 16, 32, 64, 128, 256]
+    assert bucket_sizes(1) == [8] and bucket_sizes(100) == [8, 16, 32, 64, 128]
+    assert bucket_sizes(5000)[-1] == 1024
