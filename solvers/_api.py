@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._dictionary import Dictionary, prepare
+from ._dictionary import Dictionary, precision, prepare
+from ._lasso import FISTA, ISTA, Lasso
 from ._omp import OMP
 from ._result import ChunkSolution, UnfoldResult
 from ._validation import check_activations, check_positive_int
 
-METHODS: dict[str, type] = {"omp": OMP}
+METHODS: dict[str, type] = {"omp": OMP, "ista": ISTA, "fista": FISTA, "lasso": Lasso}
 """Solver settings class of each method name."""
 
 DEFAULT_CHUNK_ROWS = 8
@@ -66,7 +67,8 @@ def unfold(
     x, single = check_activations(activations, dictionary.d_model, dictionary.dtype)
     chunk_rows = check_positive_int("chunk_rows", chunk_rows)
     block_rows = check_positive_int("block_rows", block_rows)
-    result = solve(settings, dictionary, x, chunk_rows=chunk_rows, block_rows=block_rows)
+    with precision(dictionary.dtype):  # float64: JAX's 64-bit mode for this call only
+        result = solve(settings, dictionary, x, chunk_rows=chunk_rows, block_rows=block_rows)
     if single:
         return result._replace(**{f: v[0] for f, v in result._asdict().items() if f != "n_features"})
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import jax
@@ -46,6 +47,18 @@ class Dictionary(NamedTuple):
         return np.dtype(self.atoms.dtype)
 
 
+def precision(dtype) -> contextlib.AbstractContextManager:
+    """A scope in which JAX computes in `dtype` (float32 or float64).
+
+    float64 needs JAX's 64-bit mode; it is switched on for this scope only (thread-locally), so
+    importing or using `solvers` never changes global JAX configuration. Run every jitted call
+    on a float64 `Dictionary` inside this scope (`unfold` does).
+    """
+    if np.dtype(dtype) == np.float64 and not jax.config.x64_enabled:
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
 def gram_bytes(n_features: int, dtype="float32") -> int:
     """Memory the Gram matrix of `n_features` atoms takes."""
     return n_features * n_features * np.dtype(dtype).itemsize
@@ -67,7 +80,8 @@ def prepare(
             `Dictionary` is returned unchanged when its dtype matches.
         bias: optional decoder bias of shape (d_model,): the model is
             ``x = codes @ dictionary + bias``.
-        dtype: "float32" (default) or "float64" (needs ``jax_enable_x64``).
+        dtype: "float32" (default) or "float64" (computed in JAX's 64-bit mode, enabled
+            locally: see `precision`).
         gram: True to build the Gram matrix, False for the matrix-free path, None to decide by
             `gram_budget_bytes`.
         gram_budget_bytes: the largest Gram matrix built automatically.
@@ -82,12 +96,11 @@ def prepare(
         if bias is not None:
             raise ValueError("pass bias to prepare() once, not again with a prepared dictionary")
         return dictionary
-    if np_dtype == np.float64 and not jax.config.jax_enable_x64:
-        raise ValueError('dtype="float64" needs 64-bit JAX: jax.config.update("jax_enable_x64", True)')
     atoms, bias = check_dictionary(dictionary, bias, np_dtype)
     if gram is None:
         gram = gram_bytes(atoms.shape[0], np_dtype) <= gram_budget_bytes
-    return _precompute(jnp.asarray(atoms), jnp.asarray(bias), bool(gram))
+    with precision(np_dtype):
+        return _precompute(jnp.asarray(atoms), jnp.asarray(bias), bool(gram))
 
 
 def _precompute(atoms: jax.Array, bias: jax.Array, with_gram: bool) -> Dictionary:

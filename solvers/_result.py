@@ -22,6 +22,8 @@ class Status(enum.IntEnum):
     """OMP: the next atom was linearly dependent on the selected ones; stopped early."""
     NO_POSITIVE_CORRELATION = 4
     """Non-negative OMP: no atom correlates positively with the residual; stopped early."""
+    TOO_MANY_NONZEROS = 5
+    """LASSO methods: the codes need more non-zeros than `max_nonzero`; raise it."""
 
 
 STATUS_MESSAGES: dict[int, str] = {
@@ -30,6 +32,10 @@ STATUS_MESSAGES: dict[int, str] = {
     Status.EXACT: "residual is zero: the activation is fully explained",
     Status.DEPENDENT: "stopped early: the next atom is linearly dependent on the selected ones",
     Status.NO_POSITIVE_CORRELATION: "stopped early: no atom correlates positively with the residual",
+    Status.TOO_MANY_NONZEROS: (
+        "the codes have more non-zeros than max_nonzero (the smallest were dropped or the "
+        "solve could not finish): raise max_nonzero"
+    ),
 }
 
 

@@ -1,0 +1,456 @@
+"""LASSO solvers: ISTA, FISTA with adaptive restart, and a working-set solver to a duality gap.
+
+All three minimise, per row of centred activations ``x`` (batch, d_model),
+
+    0.5 * ||x - codes @ D||^2 + alpha * ||codes||_1          (optionally codes >= 0)
+
+in the dictionary's own units, and report the duality gap of what they return (see
+`solvers._proximal`). A row is CONVERGED when ``gap <= tol * primal`` (or when the gap is
+below the rounding noise of the dtype, see `gap_floor`), MAX_ITER otherwise.
+
+- `ISTA`, `FISTA`: proximal gradient on all features (products with the dictionary, or with
+  the Gram matrix when that is cheaper, i.e. n_features <= 2 d_model). FISTA restarts its
+  momentum when it points uphill (the gradient scheme of O'Donoghue & Candes 2015).
+- `Lasso`: a working-set method in the spirit of celer (Massias, Gramfort, Salmon 2018). A
+  small working set of features (the current support plus the features closest to violating
+  the dual constraint, ranked by ``(alpha - s |D r|_j) / ||d_j||``) is solved with restarted
+  FISTA on its own Gram block (gathered from the Gram matrix, or built from the atoms when
+  matrix-free), with a step from the block's Gershgorin bound; then the full correlations
+  ``D r`` give the global duality gap and the next working set. Each iteration costs
+  O(w^2) for w working-set features instead of O(n_features * d_model). The working set has
+  static capacity: 64 first, then ``2 * max_nonzero`` for the rows whose support fills it (a
+  `lax.cond` skips the large tier when no row of a chunk needs it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._dictionary import Dictionary
+from ._proximal import (
+    dual_scale,
+    duality_gap,
+    gap_floor,
+    gap_met,
+    padded_from_dense,
+    soft_threshold,
+)
+from ._result import ChunkSolution, Status
+from ._validation import check_nonnegative, check_positive_int
+
+CHECK_EVERY = 10
+"""Iterations between two duality-gap evaluations."""
+FIRST_TIER = 64
+"""Working-set capacity tried first by `Lasso`."""
+MAX_OUTER = 32
+"""Working-set refreshes per capacity tier (a safety bound; max_iter binds first)."""
+INNER_FRACTION = 0.25
+"""The working-set subproblem is solved to this fraction of the target gap..."""
+INNER_REDUCTION = 1e-5
+"""...or to this fraction of the last global gap, whichever is larger."""
+STEP_MARGIN = 1.0 + 1e-4
+"""Lipschitz bounds are inflated this much against rounding."""
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _L1Settings:
+    """Settings shared by the LASSO methods (hashable: jit treats them as static).
+
+    Attributes:
+        alpha: the l1 penalty (>= 0), in the units of ``0.5 * ||x - codes @ D||^2``.
+        tol: relative duality-gap tolerance: a row converges when ``gap <= tol * objective``.
+        max_iter: iteration budget per row (proximal-gradient steps).
+        positive: constrain codes to be >= 0.
+        max_nonzero: width of the padded output (at most this many non-zeros per row);
+            defaults to ``min(n_features, d_model)``, the most a LASSO solution has generically.
+    """
+
+    alpha: float
+    tol: float = 1e-6
+    max_iter: int = 1000
+    positive: bool = False
+    max_nonzero: int = 1
+
+    name: ClassVar[str] = "lasso"
+    default_max_iter: ClassVar[int] = 1000
+
+    @classmethod
+    def from_params(
+        cls,
+        dictionary: Dictionary,
+        alpha=None,
+        tol=None,
+        max_iter=None,
+        positive=False,
+        max_nonzero=None,
+    ):
+        if alpha is None:
+            raise ValueError(f"{cls.name} needs alpha, the l1 penalty (a number >= 0)")
+        n_features, d_model = dictionary.atoms.shape
+        width = min(n_features, d_model)
+        return cls(
+            alpha=check_nonnegative("alpha", alpha),
+            tol=1e-6 if tol is None else check_nonnegative("tol", tol),
+            max_iter=cls.default_max_iter
+            if max_iter is None
+            else check_positive_int("max_iter", max_iter),
+            positive=_check_bool("positive", positive),
+            max_nonzero=width
+            if max_nonzero is None
+            else check_positive_int("max_nonzero", max_nonzero, upper=n_features),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ISTA(_L1Settings):
+    """Proximal gradient descent (ISTA) on the LASSO objective; see `_L1Settings`."""
+
+    name: ClassVar[str] = "ista"
+
+    def solve(self, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
+        return solve_proximal_gradient(self, dictionary, x, accelerated=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FISTA(_L1Settings):
+    """FISTA with adaptive (gradient) restart on the LASSO objective; see `_L1Settings`."""
+
+    name: ClassVar[str] = "fista"
+
+    def solve(self, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
+        return solve_proximal_gradient(self, dictionary, x, accelerated=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lasso(_L1Settings):
+    """The LASSO solved to a duality gap by a working-set method; see `_L1Settings`.
+
+    `max_iter` bounds the FISTA steps on working sets, summed over working-set refreshes.
+    """
+
+    max_iter: int = 10000
+
+    name: ClassVar[str] = "lasso"
+    default_max_iter: ClassVar[int] = 10000
+
+    def solve(self, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
+        return solve_lasso(self, dictionary, x)
+
+
+# --------------------------------------------------------------------------------------------
+# ISTA / FISTA on all features
+
+
+class _PGState(NamedTuple):
+    codes: jax.Array  # (batch, n_features)
+    momentum_point: jax.Array  # (batch, n_features) y
+    momentum: jax.Array  # (batch,) t
+    n_iter: jax.Array  # (batch,) int32
+    done: jax.Array  # (batch,) bool: the gap met the tolerance
+    gap: jax.Array  # (batch,)
+
+
+def solve_proximal_gradient(
+    settings: _L1Settings, dictionary: Dictionary, x: jax.Array, *, accelerated: bool
+) -> ChunkSolution:
+    """ISTA or restarted FISTA on a chunk `x` of shape (batch, d_model).
+
+    Indices and values come back of shape (batch, max_nonzero).
+    """
+    atoms = dictionary.atoms
+    n_features, d_model = atoms.shape
+    dtype = x.dtype
+    alpha = jnp.asarray(settings.alpha, dtype)
+    positive = settings.positive
+    use_gram = dictionary.gram is not None and n_features <= 2 * d_model
+    step = 1.0 / (dictionary.lipschitz * STEP_MARGIN)
+    x_norm = jnp.linalg.norm(x, axis=1)
+    x_sq = x_norm * x_norm
+    alpha0 = x @ atoms.T  # (batch, n_features)
+
+    def correlations(codes):
+        """``D (x - codes @ D)`` of shape (batch, n_features)."""
+        if use_gram:
+            return alpha0 - codes @ dictionary.gram
+        return (x - codes @ atoms) @ atoms.T
+
+    def gap_at(codes):
+        if use_gram:
+            corr = correlations(codes)
+            residual_sq = jnp.maximum(
+                x_sq - jnp.sum(codes * alpha0, axis=1) - jnp.sum(codes * corr, axis=1), 0.0
+            )
+        else:
+            residual = x - codes @ atoms
+            residual_sq = jnp.sum(residual * residual, axis=1)
+            corr = residual @ atoms.T
+        scale = dual_scale(corr, alpha, positive)
+        gap, primal = duality_gap(residual_sq, codes, corr, scale, alpha)
+        floor = gap_floor(x_norm, jnp.abs(codes) @ dictionary.norms, dtype)
+        return gap, gap_met(gap, primal, floor, settings.tol)
+
+    def step_once(_, s: _PGState) -> _PGState:
+        active = ~s.done & (s.n_iter < settings.max_iter)
+        y = s.momentum_point
+        new = soft_threshold(y + step * correlations(y), alpha * step, positive)
+        if accelerated:
+            uphill = jnp.sum((y - new) * (new - s.codes), axis=1) > 0
+            t_next = jnp.where(uphill, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
+            beta = jnp.where(uphill, 0.0, (s.momentum - 1.0) / t_next)
+            y_next = new + beta[:, None] * (new - s.codes)
+        else:
+            t_next, y_next = s.momentum, new
+        keep = active[:, None]
+        return s._replace(
+            codes=jnp.where(keep, new, s.codes),
+            momentum_point=jnp.where(keep, y_next, y),
+            momentum=jnp.where(active, t_next, s.momentum),
+            n_iter=s.n_iter + active.astype(jnp.int32),
+        )
+
+    def body(s: _PGState) -> _PGState:
+        s = jax.lax.fori_loop(0, CHECK_EVERY, step_once, s)
+        gap, met = gap_at(s.codes)
+        return s._replace(done=s.done | met, gap=gap)
+
+    def running(s: _PGState):
+        return jnp.any(~s.done & (s.n_iter < settings.max_iter))
+
+    batch = x.shape[0]
+    zeros = jnp.zeros((batch, n_features), dtype)
+    gap0, met0 = gap_at(zeros)
+    init = _PGState(
+        codes=zeros,
+        momentum_point=zeros,
+        momentum=jnp.ones((batch,), dtype),
+        n_iter=jnp.zeros((batch,), jnp.int32),
+        done=met0,
+        gap=gap0,
+    )
+    final = jax.lax.while_loop(running, body, init)
+    indices, values, overflow = padded_from_dense(final.codes, settings.max_nonzero)
+    status = jnp.where(final.done, Status.CONVERGED, Status.MAX_ITER)
+    status = jnp.where(overflow, Status.TOO_MANY_NONZEROS, status).astype(jnp.int32)
+    return ChunkSolution(indices, values, final.n_iter, status, final.gap)
+
+
+# --------------------------------------------------------------------------------------------
+# Working-set LASSO
+
+
+class _Outer(NamedTuple):
+    codes: jax.Array  # (batch, n_features) dense codes
+    correlations: jax.Array  # (batch, n_features) D r at `codes`
+    scale: jax.Array  # (batch,) dual scaling s at `codes`
+    gap: jax.Array  # (batch,)
+    primal: jax.Array  # (batch,)
+    met: jax.Array  # (batch,) bool: the gap met the tolerance
+    crowded: jax.Array  # (batch,) bool: the support filled the working set in the last pass
+    full: jax.Array  # (batch,) bool: ...in the last two passes: it needs a larger one
+    done: jax.Array  # (batch,) bool: no more work in this tier
+    n_iter: jax.Array  # (batch,) int32 FISTA steps so far
+    outer: jax.Array  # () int32 working-set refreshes in this tier
+
+
+class _Inner(NamedTuple):
+    codes: jax.Array  # (batch, w)
+    momentum_point: jax.Array  # (batch, w)
+    momentum: jax.Array  # (batch,)
+    n_iter: jax.Array  # (batch,) int32
+    running: jax.Array  # (batch,) bool
+
+
+def solve_lasso(settings: Lasso, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
+    """The working-set LASSO on a chunk `x` of shape (batch, d_model).
+
+    Indices and values come back of shape (batch, max_nonzero).
+    """
+    atoms = dictionary.atoms
+    n_features, d_model = atoms.shape
+    dtype = x.dtype
+    batch = x.shape[0]
+    rows = jnp.arange(batch)[:, None]
+    alpha = jnp.asarray(settings.alpha, dtype)
+    positive = settings.positive
+    tol = settings.tol
+    max_iter = settings.max_iter
+    x_norm = jnp.linalg.norm(x, axis=1)
+    x_sq = x_norm * x_norm
+    alpha0 = x @ atoms.T  # (batch, n_features)
+    lipschitz = dictionary.lipschitz * STEP_MARGIN
+
+    def check(codes, residual, n_iter, *, full, last_tier, previous_done):
+        """Global gap at dense `codes` (batch, n_features) with residual (batch, d_model), and
+        the per-row stopping state."""
+        residual_sq = jnp.sum(residual * residual, axis=1)
+        corr = residual @ atoms.T
+        scale = dual_scale(corr, alpha, positive)
+        gap, primal = duality_gap(residual_sq, codes, corr, scale, alpha)
+        floor = gap_floor(x_norm, jnp.abs(codes) @ dictionary.norms, dtype)
+        met = gap_met(gap, primal, floor, tol)
+        done = previous_done | met | (n_iter >= max_iter) | (full & (not last_tier))
+        return corr, scale, gap, primal, met, done
+
+    def inner_solve(codes, gram_block, b_block, step, target, active, budget, apply_gram):
+        """Restarted FISTA on the working-set subproblem, of shape (batch, w)."""
+        threshold = alpha * step
+
+        def corr_of(c):
+            return b_block - apply_gram(c, gram_block)
+
+        def inner_gap(c):
+            corr = corr_of(c)
+            residual_sq = jnp.maximum(
+                x_sq - jnp.sum(c * b_block, axis=1) - jnp.sum(c * corr, axis=1), 0.0
+            )
+            scale = dual_scale(corr, alpha, positive)
+            gap, primal = duality_gap(residual_sq, c, corr, scale, alpha)
+            return gap, primal
+
+        def step_once(_, s: _Inner) -> _Inner:
+            go = s.running & (s.n_iter < budget)
+            y = s.momentum_point
+            new = soft_threshold(y + step[:, None] * corr_of(y), threshold[:, None], positive)
+            uphill = jnp.sum((y - new) * (new - s.codes), axis=1) > 0
+            t_next = jnp.where(uphill, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
+            beta = jnp.where(uphill, 0.0, (s.momentum - 1.0) / t_next)
+            y_next = new + beta[:, None] * (new - s.codes)
+            keep = go[:, None]
+            return s._replace(
+                codes=jnp.where(keep, new, s.codes),
+                momentum_point=jnp.where(keep, y_next, y),
+                momentum=jnp.where(go, t_next, s.momentum),
+                n_iter=s.n_iter + go.astype(jnp.int32),
+            )
+
+        def body(s: _Inner) -> _Inner:
+            s = jax.lax.fori_loop(0, CHECK_EVERY, step_once, s)
+            gap, primal = inner_gap(s.codes)
+            met = gap <= target
+            return s._replace(running=s.running & ~met & (s.n_iter < budget))
+
+        init = _Inner(
+            codes=codes,
+            momentum_point=codes,
+            momentum=jnp.ones((batch,), dtype),
+            n_iter=jnp.zeros((batch,), jnp.int32),
+            running=active & (budget > 0),
+        )
+        final = jax.lax.while_loop(lambda s: jnp.any(s.running), body, init)
+        return final.codes, final.n_iter
+
+    def run_tier(width: int, last_tier: bool, start: _Outer) -> _Outer:
+        use_gram = dictionary.gram is not None
+        block_free = not use_gram and width * d_model > 4 * width * width
+        # Without a Gram matrix, a w x w block costs w^2 d_model to build: worth it while
+        # w is small against d_model; otherwise products go through the w atoms.
+
+        def apply_gram(c, block):
+            if block_free:
+                # block holds the working set's atoms (batch, w, d_model)
+                return jnp.einsum("bd,bwd->bw", jnp.einsum("bw,bwd->bd", c, block), block)
+            return jnp.einsum("bw,bwv->bv", c, block)
+
+        def body(s: _Outer) -> _Outer:
+            signed = s.correlations if positive else jnp.abs(s.correlations)
+            priority = (alpha - s.scale[:, None] * signed) / dictionary.norms
+            priority = jnp.where(s.codes != 0, -jnp.inf, priority)
+            working_set = jax.lax.top_k(-priority, width)[1]  # (batch, w)
+            codes_w = jnp.take_along_axis(s.codes, working_set, axis=1)
+            b_w = jnp.take_along_axis(alpha0, working_set, axis=1)
+            if use_gram:
+                block = dictionary.gram[working_set[:, :, None], working_set[:, None, :]]
+                bound = jnp.max(jnp.sum(jnp.abs(block), axis=2), axis=1)
+                step = 1.0 / jnp.minimum(bound * STEP_MARGIN, lipschitz)
+            elif block_free:
+                block = atoms[working_set]  # (batch, w, d_model)
+                step = jnp.full((batch,), 1.0 / lipschitz, dtype)
+            else:
+                sub = atoms[working_set]
+                block = jnp.einsum("bwd,bvd->bwv", sub, sub)
+                bound = jnp.max(jnp.sum(jnp.abs(block), axis=2), axis=1)
+                step = 1.0 / jnp.minimum(bound * STEP_MARGIN, lipschitz)
+            # Solve the subproblem only as far as the working set deserves (celer): a fraction
+            # of the last global gap, down to the tolerance; never below the rounding floor.
+            floor = gap_floor(x_norm, jnp.abs(s.codes) @ dictionary.norms, dtype)
+            target = jnp.maximum(
+                INNER_FRACTION * tol * s.primal, jnp.maximum(floor, INNER_REDUCTION * s.gap)
+            )
+            active = ~s.done
+            codes_w, steps = inner_solve(
+                codes_w, block, b_w, step, target, active, max_iter - s.n_iter, apply_gram
+            )
+            dense = jnp.zeros_like(s.codes).at[rows, working_set].set(codes_w)
+            codes = jnp.where(active[:, None], dense, s.codes)
+            n_iter = s.n_iter + steps
+            nonzero = jnp.sum(codes_w != 0, axis=1)
+            crowded = active & (nonzero > width - max(1, width // 8)) & (width < n_features)
+            full = crowded & s.crowded  # early iterates may be dense: only a lasting excess
+            sub = block if block_free else atoms[working_set]  # (batch, w, d_model)
+            residual = x - jnp.einsum("bw,bwd->bd", codes_w, sub)
+            corr, scale, gap, primal, met, done = check(
+                codes, residual, n_iter, full=full, last_tier=last_tier, previous_done=s.done
+            )
+            # A subproblem already solved to its rounding floor cannot make progress.
+            done = done | (active & (steps == 0) & (s.outer > 0))
+            keep = active[:, None]
+            return _Outer(
+                codes=codes,
+                correlations=jnp.where(keep, corr, s.correlations),
+                scale=jnp.where(active, scale, s.scale),
+                gap=jnp.where(active, gap, s.gap),
+                primal=jnp.where(active, primal, s.primal),
+                met=jnp.where(active, met, s.met),
+                crowded=jnp.where(active, crowded, s.crowded),
+                full=jnp.where(active, full, s.full),
+                done=done,
+                n_iter=n_iter,
+                outer=s.outer + 1,
+            )
+
+        start = start._replace(outer=jnp.zeros((), jnp.int32))
+        return jax.lax.while_loop(
+            lambda s: jnp.any(~s.done) & (s.outer < MAX_OUTER), body, start
+        )
+
+    zeros = jnp.zeros((batch, n_features), dtype)
+    no_iter = jnp.zeros((batch,), jnp.int32)
+    false = jnp.zeros((batch,), bool)
+    corr, scale, gap, primal, met, done = check(
+        zeros, x, no_iter, full=false, last_tier=True, previous_done=false
+    )
+    state = _Outer(
+        zeros, corr, scale, gap, primal, met, false, false, done, no_iter, jnp.zeros((), jnp.int32)
+    )
+
+    cap = settings.max_nonzero
+    # Working-set capacities: small first; then room for `max_nonzero` non-zeros and as many
+    # candidates, so that even a support of d_model features can still swap features.
+    tiers = sorted({min(FIRST_TIER, n_features), min(max(2 * cap, FIRST_TIER), n_features)})
+    state = run_tier(tiers[0], len(tiers) == 1, state)
+    for width in tiers[1:]:
+        escalate = state.full & ~state.met & (state.n_iter < max_iter)
+        state = state._replace(done=~escalate)
+        state = jax.lax.cond(
+            jnp.any(escalate),
+            lambda s, w=width: run_tier(w, True, s),
+            lambda s: s,
+            state,
+        )
+
+    indices, values, overflow = padded_from_dense(state.codes, cap)
+    status = jnp.where(state.met, Status.CONVERGED, Status.MAX_ITER)
+    too_many = overflow | (~state.met & state.full)
+    status = jnp.where(too_many, Status.TOO_MANY_NONZEROS, status).astype(jnp.int32)
+    return ChunkSolution(indices, values, state.n_iter, status, state.gap)
