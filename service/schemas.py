@@ -79,7 +79,7 @@ class OMPParams(UnfoldOptions):
     tol: Annotated[float, Field(ge=0)] | None = Field(
         None, description="Stop once the residual norm is at most this (the norm, not squared)."
     )
-    positive: bool = Field(False, description="Non-negative OMP: codes >= 0.")
+    positive: bool | None = Field(None, description="Non-negative OMP: codes >= 0 (default no).")
 
 
 class L1Params(UnfoldOptions):
@@ -92,7 +92,7 @@ class L1Params(UnfoldOptions):
     max_iter: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Iteration budget per row (solver default when omitted)."
     )
-    positive: bool = Field(False, description="Constrain codes to be >= 0.")
+    positive: bool | None = Field(None, description="Constrain codes to be >= 0 (default no).")
 
 
 class ISTAParams(L1Params):

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import Request, Response
-from fastapi.concurrency import run_in_threadpool
 from pydantic import TypeAdapter, ValidationError
 
 import solvers
 
+from .batching import Batcher
 from .errors import InvalidInput, describe_validation_errors
 from .formats import NPY, SAFETENSORS, read_npy, write_npy, write_safetensors
 from .registry import Entry
@@ -111,20 +111,18 @@ def run(entry: Entry, activations: np.ndarray, method: str, params: dict) -> sol
         raise InvalidInput(str(error), code="invalid_parameter") from None
 
 
-async def solve(entry: Entry, activations: np.ndarray, params, batcher=None):
+async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher):
     """Codes of validated `activations` (batch, d_model) with validated `params`.
 
     Parameters are checked against the dictionary first, so a bad request is refused (422)
-    before it can join a batch; then the rows go through the dynamic `batcher` (merged with
-    concurrent requests of the same dictionary and settings), or straight to a worker thread.
+    before it can join a batch; then the rows go through the `batcher` (merged with concurrent
+    requests of the same dictionary and settings when dynamic batching is on).
     """
     method, kwargs = solver_params(params)
     try:
         settings = solvers.make_settings(method, entry.prepared, **kwargs)
     except ValueError as error:
         raise InvalidInput(str(error), code="invalid_parameter") from None
-    if batcher is None:
-        return await run_in_threadpool(run, entry, activations, method, kwargs)
     return await batcher.submit(
         (entry.record.id, settings), activations, lambda rows: run(entry, rows, method, kwargs)
     )

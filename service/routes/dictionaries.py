@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from .. import unfolding
-from ..dependencies import RegistryDep, SettingsDep
+from ..dependencies import BatcherDep, RegistryDep, SettingsDep
 from ..errors import InvalidInput
 from ..formats import (
     NPY,
@@ -165,7 +165,9 @@ async def delete_dictionary(ref: str, registry: RegistryDep) -> Response:
         {NPY: "Activations (batch, d_model) float32; the parameters in the query string"},
     ),
 )
-async def unfold(ref: str, request: Request, registry: RegistryDep, settings: SettingsDep):
+async def unfold(
+    ref: str, request: Request, registry: RegistryDep, settings: SettingsDep, batcher: BatcherDep
+):
     entry = registry.get(ref)
     activations, params = await unfolding.parse_request(request, entry.record.d_model)
     if activations.shape[0] > settings.max_rows:
@@ -174,5 +176,5 @@ async def unfold(ref: str, request: Request, registry: RegistryDep, settings: Se
             "split the batch",
             code="too_many_rows",
         )
-    result = await unfolding.solve(entry, activations, params)
+    result = await unfolding.solve(entry, activations, params, batcher)
     return unfolding.render(request, entry, result, params)

@@ -143,7 +143,7 @@ def test_non_finite_directions_are_refused(client):
 
 
 def test_unknown_route_and_method_render_the_error_format(client):
-    missing = client.get("/v2/nothing")
+    missing = client.get("/v1/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong = client.put("/v1/dictionaries")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"

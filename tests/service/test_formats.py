@@ -16,7 +16,7 @@ from service.store import content_id
 from tests.service.helpers import NPY_HEADERS, from_npy, npy_bytes
 
 
-def sae_files(d_sae=48, d_in=12, seed=0, **cfg_overrides):
+def sae_files(d_sae=48, d_in=12, seed=0, cfg_overrides=None):
     rng = np.random.default_rng(seed)
     tensors = {
         "W_dec": rng.standard_normal((d_sae, d_in)).astype(np.float32) * 0.3,
@@ -32,7 +32,7 @@ def sae_files(d_sae=48, d_in=12, seed=0, **cfg_overrides):
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "metadata": {"model_name": "gpt2", "hook_name": "blocks.0.hook_resid_pre"},
-        **cfg_overrides,
+        **(cfg_overrides or {}),
     }
     return tensors, cfg
 
@@ -95,7 +95,7 @@ def test_register_saelens_folder_and_unfold_with_bias(client):
     ],
 )
 def test_saelens_configurations_we_cannot_honour(client, overrides, code):
-    tensors, cfg = sae_files(**overrides)
+    tensors, cfg = sae_files(cfg_overrides=overrides)
     response = client.post(
         "/v1/dictionaries",
         data={"name": "sae"},
@@ -230,4 +230,5 @@ def test_openapi_documents_every_route_and_body(client):
     assert set(unfold["requestBody"]["content"]) == {"application/json", "application/x-npy"}
     register = spec["paths"]["/v1/dictionaries"]["post"]["requestBody"]["content"]
     assert set(register) == {"application/json", "application/x-npy", "multipart/form-data"}
-    assert {"OMPRequest", "LassoRequest", "DictionaryCreate"} <= set(spec["components"]["schemas"])
+    assert {"OMPRequest", "LassoRequest"} <= set(spec["components"]["schemas"])
+    assert {"name", "directions"} <= set(register["application/json"]["schema"]["properties"])
