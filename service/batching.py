@@ -312,13 +312,17 @@ class Batcher:
         try:
             rows = batch[0].rows if len(batch) == 1 else np.concatenate([r.rows for r in batch])
             try:
-                result = await loop.run_in_executor(self._executor, self._call, batch[0].solve, rows)
+                result = await loop.run_in_executor(
+                    self._executor, self._call, batch[0].solve, rows
+                )
             except Exception as error:
                 if len(batch) == 1:
                     self._finish(batch[0], error=error)
                     return
                 log.warning(
-                    "a merged solve of %d requests failed (%s); solving each alone", len(batch), error
+                    "a merged solve of %d requests failed (%s); solving each alone",
+                    len(batch),
+                    error,
                 )
                 for request in batch:  # only the request that caused the failure fails
                     if request.abandoned:
@@ -397,9 +401,7 @@ def warmup(entry, max_batch_size: int, *, k: int = 8) -> int:
     for size in sizes:
         zeros = np.zeros((size, record.d_model), np.float32)
         solvers.unfold(zeros, entry.prepared, method="omp", k=min(k, record.n_features))
-    log.info(
-        "warmed %s for %s rows in %.1f s", record.name, sizes, time.perf_counter() - started
-    )
+    log.info("warmed %s for %s rows in %.1f s", record.name, sizes, time.perf_counter() - started)
     return len(sizes)
 
 

@@ -23,9 +23,9 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
-            if len(record.args) == len(ACCESS_FIELDS):
-                entry.update(zip(ACCESS_FIELDS, record.args, strict=True))
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+            entry.update(zip(ACCESS_FIELDS, args, strict=True))
         entry["message"] = record.getMessage()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

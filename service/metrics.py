@@ -93,4 +93,3 @@ class MetricsMiddleware:
             self.metrics.request_duration.labels(route=template).observe(
                 time.perf_counter() - started
             )
-
