@@ -13,13 +13,13 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from service.cli import main
-from tests.service.test_oip import toy_problem
-from tests.service.test_process import free_port, serve
+from tests.service.test_oip import lean_server, toy_problem
+from tests.service.test_process import free_port
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
-    with serve(str(tmp_path_factory.mktemp("cli")), free_port()) as http:
+    with lean_server(tmp_path_factory.mktemp("cli")) as (http, _):
         yield str(http.base_url).rstrip("/")
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import zlib
 
@@ -29,13 +30,25 @@ def toy_problem(batch: int = 6, seed: int = 0):
     return directions, codes, (codes @ directions).astype(np.float32)
 
 
+@contextlib.contextmanager
+def lean_server(data_dir):
+    """`unfold serve` on a free port without the demo dictionary and the start-up warm-up
+    (they would compete with the tests for the CPU); yields (httpx client, port)."""
+    port = free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNFOLD_DEMO", "false")
+        patch.setenv("UNFOLD_WARMUP", "false")
+        with serve(str(data_dir), port) as http:
+            patch.undo()
+            yield http, port
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One `unfold serve` process for the module, with the toy dictionary registered:
     (tritonclient, dictionary id)."""
     directions, _, _ = toy_problem()
-    port = free_port()
-    with serve(str(tmp_path_factory.mktemp("oip")), port) as http:
+    with lean_server(tmp_path_factory.mktemp("oip")) as (http, port):
         created = http.post(
             "/v1/dictionaries", json={"name": "toy", "directions": directions.tolist()}
         )
@@ -175,7 +188,7 @@ def test_infer_errors_reach_tritonclient(server):
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory):
     directions, _, _ = toy_problem()
-    with running_client(tmp_path_factory.mktemp("oip-app"), warmup=False) as client:
+    with running_client(tmp_path_factory.mktemp("oip-app"), warmup=False, demo=False) as client:
         created = client.post(
             "/v1/dictionaries", json={"name": "toy", "directions": directions.tolist()}
         )
