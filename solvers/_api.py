@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,37 @@ METHODS: dict[str, type] = {"omp": OMP, "ista": ISTA, "fista": FISTA, "lasso": L
 """Solver settings class of each method name."""
 
 DEFAULT_CHUNK_ROWS = 8
-"""Rows solved together: small keeps each row's working set in cache on a CPU."""
+"""Rows solved together on the Gram path: small keeps each row's working set in cache."""
 DEFAULT_BLOCK_ROWS = 1024
 """Rows per compiled call; larger batches run as several calls of this size."""
+CHUNK_BYTES = 64 << 20
+"""Matrix-free path: chunks as large as keeps a (chunk, n_features) array under this size
+(every step multiplies the chunk by the whole dictionary: more rows use the product better)."""
+MAX_CHUNK_ROWS = 256
+
+
+def default_chunk_rows(dictionary: Dictionary) -> int:
+    """Rows solved together: `DEFAULT_CHUNK_ROWS` on the Gram path, a power of two bounded by
+    `CHUNK_BYTES` and `MAX_CHUNK_ROWS` on the matrix-free path."""
+    if dictionary.gram is not None:
+        return DEFAULT_CHUNK_ROWS
+    rows = CHUNK_BYTES // (dictionary.n_features * dictionary.dtype.itemsize)
+    rows = min(max(rows, DEFAULT_CHUNK_ROWS), MAX_CHUNK_ROWS)
+    return 1 << (rows.bit_length() - 1)
+
+
+def default_streams(dictionary: Dictionary) -> int:
+    """Independent chunk sequences per compiled call. XLA's CPU runtime runs one loop on one
+    thread but independent loops side by side, so on a CPU the Gram path runs one sequence per
+    core; elsewhere (GPU/TPU), and on the matrix-free path whose products are multithreaded
+    already, one."""
+    if dictionary.gram is None or jax.default_backend() != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores)
 
 
 def make_settings(method: str, dictionary: Dictionary, **params):
@@ -40,8 +69,9 @@ def unfold(
     *,
     bias=None,
     dtype: str = "float32",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    streams: int | None = None,
     **params,
 ) -> UnfoldResult:
     """Sparse codes of `activations` over the feature directions of `dictionary`.
@@ -53,7 +83,9 @@ def unfold(
         method: one of `METHODS` ("omp", ...).
         bias: optional decoder bias of shape (d_model,) (only with a raw dictionary).
         dtype: "float32" or "float64".
-        chunk_rows, block_rows: execution tuning (rows solved together; rows per compiled call).
+        chunk_rows, block_rows, streams: execution tuning: rows solved together (default
+            `default_chunk_rows`), rows per compiled call, independent chunk sequences per
+            call (default `default_streams`: one per CPU core on the Gram path).
         **params: the method's settings, e.g. ``k`` and ``tol`` for "omp".
 
     Returns:
@@ -65,38 +97,61 @@ def unfold(
     dictionary = prepare(dictionary, bias, dtype=dtype)
     settings = make_settings(method, dictionary, **params)
     x, single = check_activations(activations, dictionary.d_model, dictionary.dtype)
-    chunk_rows = check_positive_int("chunk_rows", chunk_rows)
+    if chunk_rows is not None:
+        chunk_rows = check_positive_int("chunk_rows", chunk_rows)
+    if streams is not None:
+        streams = check_positive_int("streams", streams)
     block_rows = check_positive_int("block_rows", block_rows)
     with precision(dictionary.dtype):  # float64: JAX's 64-bit mode for this call only
-        result = solve(settings, dictionary, x, chunk_rows=chunk_rows, block_rows=block_rows)
+        result = solve(
+            settings, dictionary, x, chunk_rows=chunk_rows, block_rows=block_rows, streams=streams
+        )
     if single:
         return result._replace(**{f: v[0] for f, v in result._asdict().items() if f != "n_features"})
     return result
 
 
 def padded_rows(n_rows: int, chunk_rows: int, block_rows: int) -> int:
-    """Rows of the compiled call for a (partial) block: a power of two times `chunk_rows`."""
-    chunks = -(-min(n_rows, block_rows) // chunk_rows)
-    return chunk_rows * (1 << max(chunks - 1, 0).bit_length())
+    """Rows of the compiled call for a (partial) block: a power of two times `chunk_rows`, or
+    for fewer rows than a chunk, a power of two (a single row is solved alone)."""
+    n_rows = max(1, min(n_rows, block_rows))
+    if n_rows <= chunk_rows:
+        return min(chunk_rows, 1 << (n_rows - 1).bit_length())
+    chunks = -(-n_rows // chunk_rows)
+    return chunk_rows * (1 << (chunks - 1).bit_length())
 
 
 def solve(
-    settings, dictionary: Dictionary, x: np.ndarray, *, chunk_rows: int, block_rows: int
+    settings,
+    dictionary: Dictionary,
+    x: np.ndarray,
+    *,
+    chunk_rows: int | None = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    streams: int | None = None,
 ) -> UnfoldResult:
     """Run validated `settings` on validated activations `x` of shape (batch, d_model).
 
-    Batches are cut into blocks of `block_rows` and the last one is padded to a power of two
-    times `chunk_rows`, so any batch size reuses a handful of compiled programs.
+    Batches are cut into blocks of `block_rows` and the last one is padded (`padded_rows`), so
+    any batch size reuses a handful of compiled programs. Each block runs as `streams`
+    independent sequences of chunks of `chunk_rows` rows.
     """
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(dictionary)
+    if streams is None:
+        streams = default_streams(dictionary)
     n_rows = x.shape[0]
     block_rows = max(chunk_rows, block_rows - block_rows % chunk_rows)
     parts = []
     for start in range(0, max(n_rows, 1), block_rows):
         block = x[start : start + block_rows]
         rows = padded_rows(block.shape[0], chunk_rows, block_rows)
+        chunk = min(chunk_rows, rows)
+        # A power of two of sequences that divides the (power of two) number of chunks.
+        n_streams = 1 << (min(streams, rows // chunk).bit_length() - 1)
         padded = np.zeros((rows, x.shape[1]), x.dtype)
         padded[: block.shape[0]] = block
-        out = _solve_block(settings, dictionary, jnp.asarray(padded), chunk_rows)
+        out = _solve_block(settings, dictionary, jnp.asarray(padded), chunk, n_streams)
         parts.append((out, block.shape[0]))  # dispatched asynchronously; gathered below
     fields = [
         np.concatenate([np.asarray(out[i])[:n] for out, n in parts]) for i in range(len(parts[0][0]))
@@ -104,18 +159,37 @@ def solve(
     return UnfoldResult(*fields, n_features=dictionary.n_features)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int):
-    """Solve a block of activations (batch, d_model) chunk by chunk; batch % chunk_rows == 0."""
-    centred = x - dictionary.bias
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int, streams: int):
+    """Solve a block of activations (batch, d_model), batch % (chunk_rows * streams) == 0, as
+    `streams` independent `lax.map`s over chunks (XLA runs independent loops concurrently).
 
-    def solve_chunk(chunk: jax.Array):
-        sol: ChunkSolution = settings.solve(dictionary, chunk)
+    A method whose settings have ``uses_correlations = True`` gets, on the Gram path,
+    ``correlations=chunk @ atoms.T`` computed for the whole block in one product.
+    """
+    centred = x - dictionary.bias
+    d_model = centred.shape[1]
+    with_correlations = getattr(settings, "uses_correlations", False) and dictionary.gram is not None
+
+    def solve_chunk(args):
+        chunk, correlations = args
+        if with_correlations:
+            sol: ChunkSolution = settings.solve(dictionary, chunk, correlations=correlations)
+        else:
+            sol = settings.solve(dictionary, chunk)
         return (*sol[:2], *diagnostics(dictionary, chunk, sol), sol.n_iter, sol.status, sol.duality_gap)
 
-    chunks = centred.reshape(-1, chunk_rows, centred.shape[1])
-    out = jax.lax.map(solve_chunk, chunks)
-    return tuple(a.reshape(x.shape[0], *a.shape[2:]) for a in out)
+    chunks = centred.reshape(streams, -1, chunk_rows, d_model)
+    if with_correlations:
+        correlations = (centred @ dictionary.atoms.T).reshape(streams, -1, chunk_rows, dictionary.n_features)
+    else:
+        correlations = jnp.zeros((streams, chunks.shape[1], 0), centred.dtype)
+    outs = [jax.lax.map(solve_chunk, (chunks[i], correlations[i])) for i in range(streams)]
+    # Each output is (chunks, chunk_rows, ...) per stream: back to (batch, ...) in row order.
+    return tuple(
+        jnp.concatenate([out[field].reshape(-1, *out[field].shape[2:]) for out in outs])
+        for field in range(len(outs[0]))
+    )
 
 
 def diagnostics(dictionary: Dictionary, x: jax.Array, sol: ChunkSolution):

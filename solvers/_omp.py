@@ -1,14 +1,29 @@
-"""Orthogonal Matching Pursuit, batched, on the Gram matrix or matrix-free.
+"""Orthogonal Matching Pursuit, batched, on the Gram matrix or matrix-free; and its
+non-negative variant.
 
-Both paths grow an orthonormal basis ``q_1..q_t`` of the selected atoms (Gram-Schmidt, i.e. a
-Cholesky factor ``L`` of the selected Gram block) and never form a least-squares solve inside
-the loop. With ``z_t = <q_t, x>`` the residual correlations update as
-``c <- c - (D q_t) z_t``, and the code on the support is ``L^T \\ z`` at the end.
+OMP grows the *inverse* Cholesky factor ``Linv`` of the selected Gram block one row per step
+(``Linv @ G_SS @ Linv.T = I``), so no triangular solve runs inside the loop. With
+``ov = Linv @ G[S, j]`` (the new atom against the orthonormalised support),
+``diag = sqrt(||d_j||^2 - ||ov||^2)`` and ``z_t = (<d_j, x> - ov . z) / diag``, the codes on the
+support are ``gamma = Linv.T @ z`` at every step, and the residual correlations are recomputed
+from scratch, never updated by accumulation (no drift in float32):
 
-- Gram path: ``D q_t`` comes from one Gram row and the earlier ``D q_i`` (Batch-OMP,
-  Rubinstein et al. 2008): O(n_features * k) per step, no product with the dictionary.
-- Matrix-free path: ``q_t`` is kept in the d_model space and ``D q_t`` is one product with the
-  dictionary per step; memory O(batch * k * d_model), for dictionaries too large for a Gram.
+- Gram path (Batch-OMP, Rubinstein, Zibulevsky & Elad 2008): ``c = D x - gamma @ G[S]``.
+  Each step gathers one row of the Gram matrix; the rows of the support are kept per row of the
+  batch, in segments of `SEGMENT` steps so that step t reads about t rows, not k (the product
+  ``gamma @ G[S]``, of ``n_features * t`` multiply-adds, is the bulk of the work: about
+  ``n_features * k^2 / 2`` per row in all).
+- Matrix-free path: ``c = D (x - gamma @ D[S])``, one product with the dictionary per step;
+  memory O(batch * n_features) per chunk, for dictionaries too large for a Gram matrix.
+
+The best atom is found by a two-level search (block maxima, then the winning block), which
+returns the first index of the maximum like ``argmax`` but in vectorised passes.
+
+Non-negative OMP (``positive=True``): each step adds the atom with the largest positive
+norm-scaled correlation, then solves the non-negative least squares on the support by the
+inner loop of Lawson & Hanson (1974) from the previous solution (warm start): an atom whose
+coefficient would go negative is dropped from the support. It stops with
+`Status.NO_POSITIVE_CORRELATION` once no atom correlates positively with the residual.
 """
 
 from __future__ import annotations
@@ -23,6 +38,9 @@ from ._dictionary import Dictionary
 from ._result import ChunkSolution, Status
 from ._validation import check_nonnegative, check_positive_int
 
+SEGMENT = 8
+"""Gram path: steps per segment of stored Gram rows (a compiled loop each)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class OMP:
@@ -32,38 +50,104 @@ class OMP:
         k: at most this many atoms per row.
         tol: stop a row once its residual norm is at most `tol` (not squared, unlike
             scikit-learn's ``orthogonal_mp``); 0 to always select `k` atoms.
+        positive: non-negative OMP: codes are >= 0 (see the module docstring).
     """
 
     k: int
     tol: float = 0.0
+    positive: bool = False
+
+    uses_correlations = True
+    """`solve` accepts ``correlations = x @ atoms.T`` computed for a whole block at once."""
 
     @classmethod
-    def from_params(cls, dictionary: Dictionary, k=None, tol=None) -> OMP:
+    def from_params(cls, dictionary: Dictionary, k=None, tol=None, positive=False) -> OMP:
         """Validated settings; `k` defaults to d_model when only `tol` is given."""
         if k is None and tol is None:
             raise ValueError("omp needs k (maximum number of atoms) or tol (residual norm)")
         n_features, d_model = dictionary.atoms.shape
         k = d_model if k is None else check_positive_int("k", k, upper=n_features)
         tol = 0.0 if tol is None else check_nonnegative("tol", tol)
+        if not isinstance(positive, bool):
+            raise ValueError(f"positive must be True or False, got {positive!r}")
         # At most d_model atoms can be linearly independent.
-        return cls(k=min(k, n_features, d_model), tol=tol)
+        return cls(k=min(k, n_features, d_model), tol=tol, positive=positive)
 
-    def solve(self, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
-        return solve_omp(self, dictionary, x)
+    def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
+        """Solve a chunk of centred activations `x` of shape (batch, d_model).
+
+        `correlations`, optional, is ``x @ dictionary.atoms.T`` of shape (batch, n_features).
+        """
+        if correlations is None:
+            correlations = x @ dictionary.atoms.T
+        if self.positive:
+            return solve_nnomp(self, dictionary, x, correlations)
+        return solve_omp(self, dictionary, x, correlations)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _block_width(n_features: int) -> int:
+    """Width of the blocks of the two-level argmax (0: a plain two-pass search)."""
+    for width in (128, 64, 32, 16):
+        if n_features % width == 0 and n_features >= 4 * width:
+            return width
+    return 0
+
+
+def select(correlations: jax.Array, inv_norms: jax.Array, positive: bool):
+    """Best atom of each row: (index, score), the first maximiser of the norm-scaled
+    correlation (its absolute value unless `positive`).
+
+    `correlations` of shape (batch, n_features); returns two arrays of shape (batch,).
+    Same result as ``argmax`` (first index on ties), in vectorised passes: XLA's CPU argmax
+    is a scalar loop.
+    """
+
+    def scores(c, inv):
+        return (c if positive else jnp.abs(c)) * inv
+
+    batch, n = correlations.shape
+    width = _block_width(n)
+    if width == 0:
+        score = scores(correlations, inv_norms)
+        best = jnp.max(score, axis=1)
+        index = jnp.min(jnp.where(score == best[:, None], jnp.arange(n, dtype=jnp.int32), n), axis=1)
+        return jnp.minimum(index, n - 1), best
+    n_blocks = n // width
+    blocks = correlations.reshape(batch, n_blocks, width)
+    inv_blocks = inv_norms.reshape(n_blocks, width)
+    block_max = jnp.max(scores(blocks, inv_blocks), axis=2)  # (batch, n_blocks)
+    best = jnp.max(block_max, axis=1)
+    block = jnp.min(
+        jnp.where(block_max == best[:, None], jnp.arange(n_blocks, dtype=jnp.int32), n_blocks),
+        axis=1,
+    )
+    block = jnp.minimum(block, n_blocks - 1)  # NaN-safe
+    inside = scores(jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0], inv_blocks[block])
+    offset = jnp.min(
+        jnp.where(inside == best[:, None], jnp.arange(width, dtype=jnp.int32), width), axis=1
+    )
+    return block * width + jnp.minimum(offset, width - 1), best
+
+
+# ----------------------------------------------------------------------------- OMP
 
 
 class OMPState(NamedTuple):
     correlations: jax.Array  # (batch, n_features): D r, r the current residual
-    basis: jax.Array  # (batch, k, n_features) D q_i (Gram path) or (batch, k, d_model) q_i
-    cholesky: jax.Array  # (batch, k, k) lower-triangular factor of the selected Gram block
+    stored: jax.Array  # Gram rows of this segment (batch, SEGMENT, n_features), or (batch, k, d_model) atoms
+    inv_chol: jax.Array  # (batch, k, k) Linv, lower-triangular, rows of unused slots zero
     projections: jax.Array  # (batch, k) z_i = <q_i, x>
     indices: jax.Array  # (batch, k) selected atoms, -1 when none
-    residual_sq: jax.Array  # (batch,) ||r||^2 from the projections
+    residual_sq: jax.Array  # (batch,) ||r||^2 = ||x||^2 - ||z||^2
     stop: jax.Array  # (batch,) int32 Status + 1 once a row has stopped, 0 while running
 
 
-def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
-    """OMP on a chunk of centred activations `x` of shape (batch, d_model).
+def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.Array) -> ChunkSolution:
+    """OMP on a chunk of centred activations `x` of shape (batch, d_model), with
+    ``alpha0 = x @ atoms.T`` of shape (batch, n_features).
 
     Indices and values come back of shape (batch, k).
     """
@@ -74,81 +158,292 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array) -> ChunkSolut
     use_gram = dictionary.gram is not None
     eps = jnp.finfo(dtype).eps
     rows = jnp.arange(batch)
+    slots = jnp.arange(k)
 
-    alpha0 = x @ dictionary.atoms.T  # (batch, n_features)
     x_sq = jnp.sum(x * x, axis=1)
     exact_sq = 10 * eps * x_sq  # below this the residual is rounding noise
     tol_sq = jnp.asarray(settings.tol, dtype) ** 2
     inv_norms = 1.0 / dictionary.norms
     atom_sq = dictionary.norms**2
 
-    def step(t, s: OMPState) -> OMPState:
-        running = s.stop == 0
-        j = jnp.argmax(jnp.abs(s.correlations) * inv_norms, axis=1)  # (batch,)
-        if use_gram:
-            # <d_j, q_i> is entry j of the stored D q_i.
-            overlaps = s.basis[rows, :, j]  # (batch, k), zero beyond t
-        else:
-            atom = dictionary.atoms[j]  # (batch, d_model)
-            overlaps = jnp.einsum("bkm,bm->bk", s.basis, atom)
-        new_sq = atom_sq[j] - jnp.sum(overlaps * overlaps, axis=1)
-        independent = new_sq > 100 * eps * atom_sq[j]
-        ok = running & independent
-        diag = jnp.sqrt(jnp.where(ok, new_sq, 1.0))
-        overlaps = jnp.where(ok[:, None], overlaps, 0.0)
-        if use_gram:
-            direction = dictionary.gram[j] - jnp.einsum("bk,bkn->bn", overlaps, s.basis)
-            direction = direction / diag[:, None]
-            d_q = direction
-        else:
-            direction = (atom - jnp.einsum("bk,bkm->bm", overlaps, s.basis)) / diag[:, None]
-            d_q = direction @ dictionary.atoms.T
-        z = (alpha0[rows, j] - jnp.sum(overlaps * s.projections, axis=1)) / diag
-        z = jnp.where(ok, z, 0.0)
-        direction = jnp.where(ok[:, None], direction, 0.0)
-        residual_sq = s.residual_sq - z * z
-        reached = residual_sq <= jnp.maximum(tol_sq, exact_sq)
-        stop = jnp.where(
-            running & ~independent,
-            jnp.where(s.residual_sq <= exact_sq, Status.EXACT, Status.DEPENDENT) + 1,
-            jnp.where(
-                ok & reached,
-                jnp.where(residual_sq <= exact_sq, Status.EXACT, Status.CONVERGED) + 1,
-                s.stop,
-            ),
-        )
-        cholesky = s.cholesky.at[:, t, :].set(overlaps).at[:, t, t].set(diag)
-        return OMPState(
-            correlations=s.correlations - (d_q * z[:, None]),
-            basis=s.basis.at[:, t, :].set(direction),
-            cholesky=cholesky,
-            projections=s.projections.at[:, t].set(z),
-            indices=s.indices.at[:, t].set(jnp.where(ok, j, -1)),
-            residual_sq=residual_sq,
-            stop=stop.astype(jnp.int32),
-        )
+    def make_step(start: int, earlier):
+        """Step t = start + u of a segment; `earlier`: Gram rows of finished segments."""
 
-    basis_width = n_features if use_gram else d_model
-    init = OMPState(
+        def step(u, s: OMPState) -> OMPState:
+            t = start + u
+            running = s.stop == 0
+            j, _ = select(s.correlations, inv_norms, False)
+            safe = jnp.maximum(s.indices, 0)
+            if use_gram:
+                new = dictionary.gram[j]  # (batch, n_features)
+                against = jnp.take_along_axis(new, safe, axis=1)  # G[S, j]
+                stored = s.stored.at[:, u].set(new)
+            else:
+                new = dictionary.atoms[j]  # (batch, d_model)
+                against = jnp.einsum("bkm,bm->bk", s.stored, new)
+                stored = s.stored.at[:, t].set(new)
+            against = jnp.where(slots < t, against, 0.0)
+            overlaps = jnp.einsum("bij,bj->bi", s.inv_chol, against)  # <d_j, q_i>
+            new_sq = atom_sq[j] - jnp.sum(overlaps * overlaps, axis=1)
+            independent = new_sq > 100 * eps * atom_sq[j]
+            ok = running & independent
+            diag = jnp.sqrt(jnp.where(ok, new_sq, 1.0))
+            # Row t of Linv: (e_t - ov^T Linv) / diag.
+            row = jnp.where(slots == t, 1.0, -jnp.einsum("bi,bij->bj", overlaps, s.inv_chol))
+            row = jnp.where(ok[:, None], row / diag[:, None], 0.0)
+            inv_chol = jax.lax.dynamic_update_slice_in_dim(s.inv_chol, row[:, None, :], t, axis=1)
+            z = (alpha0[rows, j] - jnp.sum(overlaps * s.projections, axis=1)) / diag
+            z = jnp.where(ok, z, 0.0)
+            projections = jnp.where(slots == t, z[:, None], s.projections)
+            indices = jnp.where((slots == t) & ok[:, None], j[:, None], s.indices)
+            residual_sq = s.residual_sq - z * z
+            reached = residual_sq <= jnp.maximum(tol_sq, exact_sq)
+            stop = jnp.where(
+                running & ~independent,
+                jnp.where(s.residual_sq <= exact_sq, Status.EXACT, Status.DEPENDENT) + 1,
+                jnp.where(
+                    ok & reached,
+                    jnp.where(residual_sq <= exact_sq, Status.EXACT, Status.CONVERGED) + 1,
+                    s.stop,
+                ),
+            )
+            gamma = jnp.einsum("bij,bi->bj", inv_chol, projections)  # codes on the support
+            if use_gram:
+                width = stored.shape[1]
+                fitted = jnp.einsum("bk,bkn->bn", gamma[:, start : start + width], stored)
+                if earlier is not None:
+                    fitted = fitted + jnp.einsum("bk,bkn->bn", gamma[:, :start], earlier)
+                correlations = alpha0 - fitted
+            else:
+                residual = x - jnp.einsum("bk,bkm->bm", gamma, stored)
+                correlations = residual @ dictionary.atoms.T
+            return OMPState(
+                correlations=correlations,
+                stored=stored,
+                inv_chol=inv_chol,
+                projections=projections,
+                indices=indices,
+                residual_sq=residual_sq,
+                stop=stop.astype(jnp.int32),
+            )
+
+        return step
+
+    state = OMPState(
         correlations=alpha0,
-        basis=jnp.zeros((batch, k, basis_width), dtype),
-        cholesky=jnp.zeros((batch, k, k), dtype),
+        stored=jnp.zeros((batch, k, d_model), dtype),
+        inv_chol=jnp.zeros((batch, k, k), dtype),
         projections=jnp.zeros((batch, k), dtype),
         indices=jnp.full((batch, k), -1, jnp.int32),
         residual_sq=x_sq,
         stop=jnp.where(x_sq == 0, Status.EXACT + 1, 0).astype(jnp.int32),
     )
-    final = jax.lax.fori_loop(0, k, step, init)
-    # Code on the support: L^T values = z (unused slots have L_tt = 1, z = 0, so value 0).
-    values = jax.vmap(
-        lambda chol, z: jax.scipy.linalg.solve_triangular(chol, z, trans="T", lower=True)
-    )(final.cholesky, final.projections)
-    n_iter = jnp.sum(final.indices >= 0, axis=1).astype(jnp.int32)
-    status = jnp.where(final.stop == 0, Status.CONVERGED, final.stop - 1).astype(jnp.int32)
+    if use_gram:
+        # Segments of SEGMENT steps: step t multiplies by ceil-to-segment(t) Gram rows, not k.
+        earlier = None
+        for start in range(0, k, SEGMENT):
+            width = min(SEGMENT, k - start)
+            state = state._replace(stored=jnp.zeros((batch, width, n_features), dtype))
+            state = jax.lax.fori_loop(0, width, make_step(start, earlier), state)
+            earlier = state.stored if earlier is None else jnp.concatenate([earlier, state.stored], 1)
+    else:
+        state = jax.lax.fori_loop(0, k, make_step(0, None), state)
+
+    values = jnp.einsum("bij,bi->bj", state.inv_chol, state.projections)
+    n_iter = jnp.sum(state.indices >= 0, axis=1).astype(jnp.int32)
+    status = jnp.where(state.stop == 0, Status.CONVERGED, state.stop - 1).astype(jnp.int32)
     return ChunkSolution(
-        indices=final.indices,
-        values=jnp.where(final.indices >= 0, values, 0.0),
+        indices=state.indices,
+        values=jnp.where(state.indices >= 0, values, 0.0),
         n_iter=n_iter,
+        status=status,
+        duality_gap=jnp.full((batch,), jnp.nan, dtype),
+    )
+
+
+# ----------------------------------------------------------------------------- NNOMP
+
+
+class NNOMPState(NamedTuple):
+    correlations: jax.Array  # (batch, n_features): D r
+    stored: jax.Array  # (batch, k, n_features) Gram rows, or (batch, k, d_model) atoms, per slot
+    gram: jax.Array  # (batch, k, k) Gram block of the slots' atoms
+    targets: jax.Array  # (batch, k) <d_i, x> of the slots' atoms
+    coef: jax.Array  # (batch, k) codes, >= 0, zero on inactive slots
+    active: jax.Array  # (batch, k) bool: the slot's atom is in the support
+    indices: jax.Array  # (batch, k) atom of each slot, -1 when never used
+    n_iter: jax.Array  # (batch,) int32 atoms added
+    stop: jax.Array  # (batch,) int32 Status + 1 once a row has stopped, 0 while running
+
+
+def _masked_solve(gram: jax.Array, rhs: jax.Array, mask: jax.Array) -> jax.Array:
+    """Least squares on the slots in `mask`: solve ``gram[P, P] s = rhs[P]``, zero elsewhere.
+    Shapes (batch, k, k), (batch, k), (batch, k) bool."""
+    both = mask[:, :, None] & mask[:, None, :]
+    eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    system = jnp.where(both, gram, eye)  # identity on the unused slots: s = 0 there
+    factor = jnp.linalg.cholesky(system)
+    solution = jax.scipy.linalg.cho_solve((factor, True), jnp.where(mask, rhs, 0.0)[..., None])[..., 0]
+    return jnp.where(mask, solution, 0.0)
+
+
+def _nnls_on_support(gram, targets, coef, active):
+    """Lawson-Hanson's inner loop from a feasible `coef` (zero on the newly added slot): the
+    non-negative least squares on the slots in `active`, dropping slots that reach zero.
+    Returns (coef, active). Shapes (batch, k, k), (batch, k), (batch, k), (batch, k) bool."""
+    k = coef.shape[1]
+
+    def body(carry):
+        coef, active, done, it = carry
+        ls = _masked_solve(gram, targets, active)
+        feasible = jnp.all(jnp.where(active, ls > 0, True), axis=1)
+        # Step from coef towards ls as far as every coefficient stays >= 0.
+        blocking = active & (ls <= 0)
+        gap = jnp.maximum(coef - ls, jnp.finfo(coef.dtype).tiny)  # >= coef >= 0 where blocking
+        ratio = jnp.where(blocking, coef / gap, jnp.inf)
+        step = jnp.clip(jnp.min(ratio, axis=1), 0.0, 1.0)
+        moved = coef + step[:, None] * (ls - coef)
+        hit = blocking & (ratio <= step[:, None])
+        new_coef = jnp.where(feasible[:, None], ls, jnp.where(hit, 0.0, jnp.maximum(moved, 0.0)))
+        new_active = jnp.where(feasible[:, None], active, active & ~hit)
+        keep = done[:, None]
+        return (
+            jnp.where(keep, coef, new_coef),
+            jnp.where(keep, active, new_active),
+            done | feasible,
+            it + 1,
+        )
+
+    def cond(carry):
+        _, _, done, it = carry
+        return (it <= k) & ~jnp.all(done)
+
+    done = ~jnp.any(active, axis=1)
+    coef, active, _, _ = jax.lax.while_loop(cond, body, (coef, active, done, 0))
+    return coef, active
+
+
+def solve_nnomp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.Array) -> ChunkSolution:
+    """Non-negative OMP on a chunk of centred activations `x` of shape (batch, d_model), with
+    ``alpha0 = x @ atoms.T`` of shape (batch, n_features); see the module docstring.
+
+    At most ``2 k`` atoms are added (atoms can leave the support); indices and values come back
+    of shape (batch, k), the support first.
+    """
+    batch = x.shape[0]
+    k = settings.k
+    n_features, d_model = dictionary.atoms.shape
+    dtype = x.dtype
+    use_gram = dictionary.gram is not None
+    eps = jnp.finfo(dtype).eps
+    rows = jnp.arange(batch)
+    slots = jnp.arange(k)
+
+    x_sq = jnp.sum(x * x, axis=1)
+    exact_sq = 10 * eps * x_sq
+    tol_sq = jnp.asarray(settings.tol, dtype) ** 2
+    # Correlations of the support are zero up to rounding at a least-squares solution.
+    tiny = 100 * eps * jnp.sqrt(x_sq)
+    inv_norms = 1.0 / dictionary.norms
+    atom_sq = dictionary.norms**2
+
+    def step(s: NNOMPState) -> NNOMPState:
+        running = s.stop == 0
+        safe = jnp.maximum(s.indices, 0)
+        # Never re-select an atom of the support.
+        scores = s.correlations.at[rows[:, None], safe].min(jnp.where(s.active, -jnp.inf, jnp.inf))
+        j, best = select(scores, inv_norms, True)
+        positive = best > tiny
+        slot = jnp.min(jnp.where(s.active, k, slots), axis=1)  # first free slot
+        if use_gram:
+            new = dictionary.gram[j]
+            against = jnp.take_along_axis(new, safe, axis=1)  # G[slots, j]
+        else:
+            new = dictionary.atoms[j]
+            against = jnp.einsum("bkm,bm->bk", s.stored, new)
+        against = jnp.where(s.active, against, 0.0)
+        # Linear independence from the support: the Schur complement of the new atom.
+        w = _masked_solve(s.gram, against, s.active)
+        new_sq = atom_sq[j] - jnp.sum(w * against, axis=1)
+        independent = new_sq > 100 * eps * atom_sq[j]
+        ok = running & positive & independent
+        put = (slots == slot[:, None]) & ok[:, None]  # (batch, k)
+        stored = jnp.where(put[:, :, None], new[:, None, :], s.stored)
+        gram = jnp.where(put[:, :, None], against[:, None, :], s.gram)
+        gram = jnp.where(put[:, None, :], against[:, :, None], gram)
+        gram = jnp.where(put[:, :, None] & put[:, None, :], atom_sq[j][:, None, None], gram)
+        targets = jnp.where(put, alpha0[rows, j][:, None], s.targets)
+        indices = jnp.where(put, j[:, None], s.indices)
+        active = s.active | put
+        coef = jnp.where(put, 0.0, s.coef)
+        coef, active = _nnls_on_support(gram, targets, coef, jnp.where(ok[:, None], active, False))
+        coef = jnp.where(ok[:, None], coef, s.coef)
+        active = jnp.where(ok[:, None], active, s.active)
+        if use_gram:
+            correlations = alpha0 - jnp.einsum("bk,bkn->bn", coef, stored)
+        else:
+            correlations = (x - jnp.einsum("bk,bkm->bm", coef, stored)) @ dictionary.atoms.T
+        # ||x - coef D_S||^2 = ||x||^2 - 2 coef.targets + coef^T G_SS coef
+        residual_sq = x_sq - 2 * jnp.sum(coef * targets, axis=1) + jnp.einsum(
+            "bi,bij,bj->b", coef, gram, coef
+        )
+        full = jnp.sum(active, axis=1) >= k
+        old_residual_sq = x_sq - jnp.sum(s.coef * s.targets, axis=1)  # at a LS solution
+        stop = jnp.where(
+            running & ~ok,
+            jnp.where(
+                old_residual_sq <= exact_sq,
+                Status.EXACT,
+                jnp.where(positive, Status.DEPENDENT, Status.NO_POSITIVE_CORRELATION),
+            )
+            + 1,
+            jnp.where(
+                ok & (residual_sq <= exact_sq),
+                Status.EXACT + 1,
+                jnp.where(
+                    ok & (full | (residual_sq <= tol_sq)), Status.CONVERGED + 1, s.stop
+                ),
+            ),
+        )
+        return NNOMPState(
+            correlations=jnp.where(ok[:, None], correlations, s.correlations),
+            stored=stored,
+            gram=gram,
+            targets=targets,
+            coef=coef,
+            active=active,
+            indices=indices,
+            n_iter=s.n_iter + ok.astype(jnp.int32),
+            stop=stop.astype(jnp.int32),
+        )
+
+    width = n_features if use_gram else d_model
+    state = NNOMPState(
+        correlations=alpha0,
+        stored=jnp.zeros((batch, k, width), dtype),
+        gram=jnp.zeros((batch, k, k), dtype),
+        targets=jnp.zeros((batch, k), dtype),
+        coef=jnp.zeros((batch, k), dtype),
+        active=jnp.zeros((batch, k), bool),
+        indices=jnp.full((batch, k), -1, jnp.int32),
+        n_iter=jnp.zeros((batch,), jnp.int32),
+        stop=jnp.where(x_sq == 0, Status.EXACT + 1, 0).astype(jnp.int32),
+    )
+    state, _ = jax.lax.while_loop(
+        lambda carry: (carry[1] < 2 * k) & jnp.any(carry[0].stop == 0),
+        lambda carry: (step(carry[0]), carry[1] + 1),
+        (state, 0),
+    )
+    # The support first, in slot order.
+    order = jnp.argsort(~state.active, axis=1, stable=True)
+    active = jnp.take_along_axis(state.active, order, axis=1)
+    indices = jnp.where(active, jnp.take_along_axis(state.indices, order, axis=1), -1)
+    values = jnp.where(active, jnp.take_along_axis(state.coef, order, axis=1), 0.0)
+    status = jnp.where(state.stop == 0, Status.MAX_ITER, state.stop - 1).astype(jnp.int32)
+    return ChunkSolution(
+        indices=indices,
+        values=values,
+        n_iter=state.n_iter,
         status=status,
         duality_gap=jnp.full((batch,), jnp.nan, dtype),
     )
