@@ -378,16 +378,16 @@ def _retrieve(future) -> None:
         future.exception()
 
 
-def bucket_sizes(max_batch_size: int, chunk_rows: int = 8, block_rows: int = 1024) -> list[int]:
-    """Row counts of the programs `solvers.unfold` compiles for batches up to `max_batch_size`:
-    `chunk_rows` times a power of two, capped by `block_rows` (see `solvers._api.padded_rows`)."""
+def bucket_sizes(max_batch_size: int, block_rows: int = 1024) -> list[int]:
+    """Batch sizes to compile ahead for batches of up to `max_batch_size` rows: the powers of
+    two up to the first one >= min(max_batch_size, block_rows).
+
+    `solvers.unfold` pads every block of rows to a power of two (times its power-of-two chunk
+    size; see `solvers._api.padded_rows`) and cuts batches into blocks of `block_rows`, so these
+    sizes reach every program a batch of at most `max_batch_size` rows runs.
+    """
     top = min(max_batch_size, block_rows)
-    sizes, size = [], chunk_rows
-    while True:
-        sizes.append(size)
-        if size >= top:
-            return sizes
-        size *= 2
+    return [1 << i for i in range((top - 1).bit_length() + 1)]
 
 
 def warmup(entry, max_batch_size: int, *, k: int = 8) -> int:

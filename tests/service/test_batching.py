@@ -249,6 +249,36 @@ def test_slice_result_and_bucket_sizes():
     part = slice_result(result, slice(1, 3))
     np.testing.assert_array_equal(part.doubled, [[3, 4, 5], [6, 7, 8]])
     assert part.row_sum.tolist() == [1, 2] and part.width == 3
-    assert bucket_sizes(256) == [8, 16, 32, 64, 128, 256]
-    assert bucket_sizes(1) == [8] and bucket_sizes(100) == [8, 16, 32, 64, 128]
+    assert bucket_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert bucket_sizes(1) == [1] and bucket_sizes(100) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert bucket_sizes(5000)[-1] == 1024
+
+
+def test_start_up_warm_up_compiles_every_program_a_default_request_needs(tmp_path):
+    """After the warm-up, default-settings requests of any size up to max_batch_size compile
+    nothing new; other settings do (so this test can tell). The dictionary has a shape no other
+    test uses, so nothing was compiled for it before."""
+    from solvers import _api
+    from tests.service.conftest import running_client
+
+    compiled = getattr(_api._solve_block, "_cache_size", None)
+    if compiled is None:
+        pytest.skip("this JAX has no jit cache size")
+    directions = np.random.default_rng(5).standard_normal((37, 11)).tolist()
+    quiet = {"demo": False, "compilation_cache": False}
+    with running_client(tmp_path, warmup=False, **quiet) as client:
+        created = client.post("/v1/dictionaries", json={"name": "odd", "directions": directions})
+        assert created.status_code == 201, created.text
+    with running_client(tmp_path, max_batch_size=16, **quiet) as client:
+        assert client.app.state.warmed.is_set()
+        before = compiled()
+        for rows in (1, 3, 5, 9, 16):
+            response = client.post(
+                "/v1/dictionaries/odd/unfold", json={"activations": [[1.0] * 11] * rows}
+            )
+            assert response.status_code == 200, response.text
+        assert compiled() == before
+        response = client.post(
+            "/v1/dictionaries/odd/unfold", json={"activations": [[1.0] * 11] * 3, "k": 3}
+        )
+        assert response.status_code == 200 and compiled() > before
