@@ -3,7 +3,8 @@
 
 Series (base units, `unfold_` prefix, `_total` on counters):
 - `unfold_requests_total{route,method,status}`: answered HTTP requests; `route` is the route
-  template (``/v1/dictionaries/{ref}/unfold``), or ``unmatched`` when no route matched.
+  template (``/v1/dictionaries/{ref}/unfold``), or ``unmatched`` when no route matched
+  (including requests the middleware refused before routing: 401, 413 by Content-Length).
 - `unfold_request_duration_seconds{route}`: time to the end of the response body.
 - `unfold_batch_size`: rows per solver call (merged batches and lone requests alike).
 - `unfold_rows_total`: rows solved.
