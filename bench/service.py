@@ -1,0 +1,237 @@
+"""Service benchmark: a real `unfold serve` process on 127.0.0.1, measured from outside.
+
+(a) single-vector requests at several concurrencies, dynamic batching on and off: rows/s and
+    p50/p99 latency, and the batching speed-up;
+(b) one batch via JSON and via `.npy` (answer as safetensors) against `solvers.unfold` called
+    in-process on the same data.
+
+    python bench/service.py            # full run (a few minutes)
+    python bench/service.py --quick    # small smoke run
+
+Every figure is a median over repeats where repeated; numbers from a shared 2-core machine are
+noisy: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import numpy as np
+
+import solvers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def problem(n_features: int, d_model: int, batch: int, k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    dictionary = rng.standard_normal((n_features, d_model)).astype(np.float32)
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    codes = np.zeros((batch, n_features), np.float32)
+    for row in codes:
+        row[rng.choice(n_features, k, replace=False)] = rng.uniform(0.5, 2.0, k)
+    noise = 0.01 * rng.standard_normal((batch, d_model)).astype(np.float32)
+    return dictionary, codes, codes @ dictionary + noise
+
+
+@contextlib.contextmanager
+def server(batching: bool, max_batch_size: int):
+    """A fresh `unfold serve` (own data dir, no demo) on a free loopback port."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data_dir:
+        env = {
+            **os.environ,
+            "UNFOLD_DATA_DIR": data_dir,
+            "UNFOLD_PORT": str(port),
+            "UNFOLD_DEMO": "false",
+            "UNFOLD_BATCHING": str(batching).lower(),
+            "UNFOLD_MAX_BATCH_SIZE": str(max_batch_size),
+            "UNFOLD_LOG_LEVEL": "warning",
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(base + "/readyz", timeout=5).status_code == 200:
+                        break
+                time.sleep(0.2)
+            else:
+                raise RuntimeError("server did not become ready")
+            yield base
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def register(base: str, dictionary: np.ndarray) -> str:
+    response = httpx.post(
+        base + "/v1/dictionaries?name=bench",
+        content=npy(dictionary),
+        headers={"content-type": "application/x-npy"},
+        timeout=120,
+    )
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+def warm(base: str, ref: str, activations: np.ndarray, k: int, max_batch_size: int) -> None:
+    """Compile every batch size a merged call can have (powers of two: the solver pads to them),
+    so the timed runs measure serving, not compilation."""
+    size = 1
+    while True:
+        response = httpx.post(
+            f"{base}/v1/dictionaries/{ref}/unfold?k={k}",
+            content=npy(activations[:size]),
+            headers={"content-type": "application/x-npy"},
+            timeout=600,
+        )
+        response.raise_for_status()
+        if size >= max_batch_size:
+            return
+        size *= 2
+
+
+async def single_vectors(base: str, ref: str, rows: np.ndarray, k: int, concurrency: int):
+    """Send each row as its own JSON request, `concurrency` at a time: (seconds, latencies)."""
+    latencies: list[float] = []
+    queue = iter(range(len(rows)))
+    url = f"{base}/v1/dictionaries/{ref}/unfold"
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def worker():
+            for i in queue:
+                start = time.perf_counter()
+                response = await client.post(url, json={"activations": rows[i].tolist(), "k": k})
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def bench_single(args, dictionary, activations) -> None:
+    print(f"\n(a) single-vector JSON requests, k={args.k}, {args.requests} requests per level")
+    header = f"{'batching':>8} {'conc':>5} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
+    print(header + "\n" + "-" * len(header))
+    rates: dict[tuple[bool, int], float] = {}
+    for batching in (False, True):
+        with server(batching, args.max_batch_size) as base:
+            ref = register(base, dictionary)
+            warm(base, ref, activations, args.k, args.max_batch_size)
+            for concurrency in args.concurrency:
+                rows = activations[: args.requests]
+                seconds, latencies = asyncio.run(
+                    single_vectors(base, ref, rows, args.k, concurrency)
+                )
+                rates[batching, concurrency] = len(rows) / seconds
+                print(
+                    f"{'on' if batching else 'off':>8} {concurrency:>5} "
+                    f"{rates[batching, concurrency]:>9.0f} {1e3 * percentile(latencies, 50):>8.1f} "
+                    f"{1e3 * percentile(latencies, 99):>8.1f}"
+                )
+    for concurrency in args.concurrency:
+        ratio = rates[True, concurrency] / rates[False, concurrency]
+        print(f"batching speed-up at concurrency {concurrency}: {ratio:.2f}x")
+
+
+def bench_batch(args, dictionary, activations) -> None:
+    rows = activations[: args.batch]
+    print(f"\n(b) one batch of {len(rows)} rows, k={args.k}, median of {args.repeats}")
+    prepared = solvers.prepare(dictionary)
+    solvers.unfold(rows, prepared, k=args.k)  # compile
+    times = {"in-process solvers.unfold": []}
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        solvers.unfold(rows, prepared, k=args.k)
+        times["in-process solvers.unfold"].append(time.perf_counter() - start)
+    with server(True, args.max_batch_size) as base:
+        ref = register(base, dictionary)
+        url = f"{base}/v1/dictionaries/{ref}/unfold"
+        requests = {
+            "HTTP .npy -> safetensors": dict(
+                url=url + f"?k={args.k}",
+                content=npy(rows),
+                headers={
+                    "content-type": "application/x-npy",
+                    "accept": "application/vnd.safetensors",
+                },
+            ),
+            "HTTP JSON -> JSON": dict(url=url, json={"activations": rows.tolist(), "k": args.k}),
+        }
+        with httpx.Client(timeout=600) as client:
+            for name, request in requests.items():
+                client.post(**request).raise_for_status()  # compile
+                times[name] = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    client.post(**request).raise_for_status()
+                    times[name].append(time.perf_counter() - start)
+    base_time = statistics.median(times["in-process solvers.unfold"])
+    header = f"{'path':<28} {'seconds':>8} {'rows/s':>9} {'vs in-process':>14}"
+    print(header + "\n" + "-" * len(header))
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"{name:<28} {median:>8.3f} {len(rows) / median:>9.0f} {base_time / median:>13.0%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n-features", type=int, default=8192)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument(
+        "--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 16, 64]
+    )
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.n_features, args.d_model, args.k = 1024, 128, 8
+        args.requests, args.batch, args.repeats = 128, 512, 1
+    print(
+        f"dictionary {args.n_features} x {args.d_model}, JAX {solvers.__name__} on "
+        f"{__import__('jax').default_backend()}"
+    )
+    dictionary, _, activations = problem(
+        args.n_features, args.d_model, max(args.requests, args.batch), args.k
+    )
+    bench_single(args, dictionary, activations)
+    bench_batch(args, dictionary, activations)
+
+
+if __name__ == "__main__":
+    main()
