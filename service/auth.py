@@ -1,11 +1,12 @@
 """Optional API keys: `Authorization: Bearer <key>` on every route but the health probes.
 
 Off unless `Settings.api_keys` (env ``UNFOLD_API_KEYS``, comma-separated) is non-empty. Then
-every request except `PUBLIC_PATHS` needs one of the keys, else 401 `unauthorized` with
-``WWW-Authenticate: Bearer``. The OpenAPI document and the docs pages are protected too (they
-are routes like any other; a deployment that wants them public can put them behind its own
-proxy). CORS preflight requests (OPTIONS with `Access-Control-Request-Method`) never carry
-credentials: the CORS middleware, outside this one, answers them first.
+every request except `PUBLIC_PATHS` (the health probes of both APIs) needs one of the keys,
+else 401 `unauthorized` with ``WWW-Authenticate: Bearer``. The OpenAPI document and the
+docs pages are protected too (they are routes like any other; a deployment that wants them
+public can put them behind its own proxy). CORS preflight requests (OPTIONS with
+`Access-Control-Request-Method`) never carry credentials: the CORS middleware, outside this
+one, answers them first.
 
 Keys are compared in constant time (`hmac.compare_digest` over each configured key).
 """
@@ -14,17 +15,15 @@ from __future__ import annotations
 
 import hmac
 
-from .errors import error_body
+from .errors import error_response
 from .responses import JSONResponse
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
-def unauthorized(message: str) -> JSONResponse:
-    return JSONResponse(
-        error_body("unauthorized", message),
-        status_code=401,
-        headers={"WWW-Authenticate": "Bearer"},
+def unauthorized(path: str, message: str) -> JSONResponse:
+    return error_response(
+        path, "unauthorized", message, 401, headers={"WWW-Authenticate": "Bearer"}
     )
 
 
@@ -43,10 +42,11 @@ class APIKeyMiddleware:
         token = _bearer_token(scope)
         if token is None:
             response = unauthorized(
+                scope["path"],
                 "this service needs an API key: send the header 'Authorization: Bearer <key>'"
             )
         elif not self.valid(token):
-            response = unauthorized("the API key is not valid")
+            response = unauthorized(scope["path"], "the API key is not valid")
         else:
             return await self.app(scope, receive, send)
         await response(scope, receive, send)

@@ -66,6 +66,21 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
+OIP_PREFIX = "/v2"
+
+
+def error_response(
+    path: str, code: str, message: str, status_code: int, headers: dict | None = None
+) -> JSONResponse:
+    """An error for a request to `path`, in that API's format: the Open Inference Protocol's
+    ``{"error": "<message>"}`` under /v2 (its clients need it), ours everywhere else."""
+    if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/"):
+        body: dict = {"error": message}
+    else:
+        body = error_body(code, message)
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
 def describe_validation_errors(errors: list[dict]) -> str:
     """One line naming each invalid field and why."""
     parts = []

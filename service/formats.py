@@ -26,8 +26,17 @@ SAE_DECODER_BIAS = "b_dec"
 SAE_NORMALIZATIONS_HONOURED = (None, "none")
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def read_npy(body: bytes, what: str) -> np.ndarray:
     """A numeric array from `.npy` bytes; object (pickled) arrays are refused."""
+    if not body.startswith(NPY_MAGIC):
+        raise InvalidInput(
+            f"{what}: not a .npy file (it must start with the .npy magic string); "
+            "write it with numpy.save",
+            code="invalid_npy",
+        )
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except ValueError as error:

@@ -7,7 +7,7 @@ application's reads fail and, whatever the application then does, the client get
 
 from __future__ import annotations
 
-from .errors import error_body
+from .errors import error_response
 from .responses import JSONResponse
 
 
@@ -15,14 +15,13 @@ class BodyTooLarge(Exception):
     """Raised into the application's body reads once the streamed body passes the limit."""
 
 
-def too_large(limit: int) -> JSONResponse:
-    return JSONResponse(
-        error_body(
-            "body_too_large",
-            f"the request body exceeds the limit of {limit} bytes; send fewer rows per request, "
-            "or a binary format (application/x-npy) instead of JSON",
-        ),
-        status_code=413,
+def too_large(path: str, limit: int) -> JSONResponse:
+    return error_response(
+        path,
+        "body_too_large",
+        f"the request body exceeds the limit of {limit} bytes; send fewer rows per request, "
+        "or a binary format (application/x-npy) instead of JSON",
+        413,
         headers={"Connection": "close"},
     )
 
@@ -39,7 +38,7 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         length = _content_length(scope)
         if length is not None and length > self.limit:
-            return await too_large(self.limit)(scope, receive, send)
+            return await too_large(scope["path"], self.limit)(scope, receive, send)
 
         received = 0
         exceeded = False
@@ -72,7 +71,7 @@ class BodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await too_large(self.limit)(scope, receive, send)
+            await too_large(scope["path"], self.limit)(scope, receive, send)
 
 
 def _content_length(scope) -> int | None:

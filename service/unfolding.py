@@ -51,6 +51,8 @@ async def parse_request(request: Request, d_model: int) -> tuple[np.ndarray, Any
                 f"unknown query parameter(s) {unknown}; use {list(QUERY_PARAMS)}",
                 code="invalid_request",
             )
+        # A query string has no null: "null" or an empty value stands for it (e.g. k=null).
+        query = {key: None if value in ("", "null") else value for key, value in query.items()}
         params = validate(PARAMS_ADAPTER, query)
         return activations_array(read_npy(body, "activations"), d_model), params
     if content_type not in ("application/json", ""):

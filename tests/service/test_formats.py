@@ -232,3 +232,17 @@ def test_openapi_documents_every_route_and_body(client):
     assert set(register) == {"application/json", "application/x-npy", "multipart/form-data"}
     assert {"OMPRequest", "LassoRequest"} <= set(spec["components"]["schemas"])
     assert {"name", "directions"} <= set(register["application/json"]["schema"]["properties"])
+
+
+def test_npy_query_null_means_default_and_garbage_is_not_called_pickle(client, demo_batch):
+    _, _, codes, activations = demo_batch
+    response = client.post(
+        "/v1/dictionaries/demo/unfold?k=null&tol=0.001",
+        content=npy_bytes(activations),
+        headers={**NPY_HEADERS, "accept": "application/x-npy"},
+    )
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(from_npy(response.content), codes, atol=1e-4)
+    garbage = client.post("/v1/dictionaries/demo/unfold", content=b"xyz", headers=NPY_HEADERS)
+    assert garbage.status_code == 422
+    assert "magic" in garbage.json()["error"]["message"]

@@ -447,3 +447,18 @@ def test_health_bodies(app_client):
     assert app_client.get("/v2/health/live").json() == {"live": True}
     assert app_client.get("/v2/health/ready").json() == {"ready": True}
     assert app_client.get("/v2/models/toy/ready").json() == {"name": "toy", "ready": True}
+
+
+def test_middleware_errors_use_the_protocol_format_under_v2(tmp_path):
+    from tests.service.conftest import running_client
+
+    with running_client(tmp_path, api_keys=["secret"], max_body_bytes=64) as client:
+        assert client.get("/v2/health/live").status_code == 200
+        assert client.get("/v2/health/ready").status_code == 200
+        denied = client.get("/v2/models/demo")
+        assert denied.status_code == 401 and isinstance(denied.json()["error"], str)
+        assert client.get("/v1/dictionaries").json()["error"]["code"] == "unauthorized"
+        big = client.post(
+            "/v2/models/demo/infer", content=b"x" * 100, headers={"authorization": "Bearer secret"}
+        )
+        assert big.status_code == 413 and isinstance(big.json()["error"], str)
