@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._dictionary import Dictionary
 from ._result import ChunkSolution, Status
@@ -68,10 +69,10 @@ class OMP:
         n_features, d_model = dictionary.atoms.shape
         k = d_model if k is None else check_positive_int("k", k, upper=n_features)
         tol = 0.0 if tol is None else check_nonnegative("tol", tol)
-        if not isinstance(positive, bool):
+        if not isinstance(positive, bool | np.bool_):
             raise ValueError(f"positive must be True or False, got {positive!r}")
         # At most d_model atoms can be linearly independent.
-        return cls(k=min(k, n_features, d_model), tol=tol, positive=positive)
+        return cls(k=min(k, n_features, d_model), tol=tol, positive=bool(positive))
 
     def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
         """Solve a chunk of centred activations `x` of shape (batch, d_model).

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
+from scipy.optimize import nnls
 from sklearn.linear_model import orthogonal_mp
 
 import solvers
 from solvers import Status
+from solvers._api import padded_rows
+from solvers._omp import select
 from tests.conftest import sparse_problem
 
 
@@ -84,3 +88,97 @@ def test_any_batch_size_matches_row_by_row(batch):
     for i in range(0, batch, 11):
         one = solvers.unfold(activations[i], dictionary, k=3)
         np.testing.assert_allclose(one.to_dense(), result.to_dense()[i], atol=1e-6)
+
+
+# ------------------------------------------------------------------ selection and execution
+
+
+@pytest.mark.parametrize("n_features", [7, 64, 300, 1024])
+def test_select_is_first_argmax(n_features):
+    rng = np.random.default_rng(n_features)
+    correlations = rng.standard_normal((6, n_features)).astype(np.float32)
+    correlations[1] = 0.0  # all tied: the first index
+    correlations[2, [3, n_features - 1]] = 9.0  # tie between two: the first
+    correlations[3, n_features - 1] = -9.0  # the largest magnitude is negative
+    inv_norms = rng.uniform(0.5, 2.0, n_features).astype(np.float32)
+    for positive in (False, True):
+        index, best = jax.jit(select, static_argnums=2)(correlations, inv_norms, positive)
+        scores = (correlations if positive else np.abs(correlations)) * inv_norms
+        np.testing.assert_array_equal(index, np.argmax(scores, axis=1))
+        np.testing.assert_allclose(best, np.max(scores, axis=1), rtol=1e-6)
+
+
+def test_execution_settings_do_not_change_results():
+    dictionary, _, activations = sparse_problem(256, 48, 40, 5, noise=0.01, seed=6)
+    prepared = solvers.prepare(dictionary)
+    reference = solvers.unfold(activations, prepared, k=6, chunk_rows=8, streams=1)
+    for chunk_rows, streams, block_rows in [(4, 2, 1024), (8, 4, 16), (16, 2, 1024)]:
+        other = solvers.unfold(
+            activations, prepared, k=6, chunk_rows=chunk_rows, streams=streams, block_rows=block_rows
+        )
+        np.testing.assert_array_equal(other.indices, reference.indices)
+        np.testing.assert_allclose(other.values, reference.values, atol=1e-6)
+
+
+def test_padded_rows_buckets():
+    assert [padded_rows(n, 8, 1024) for n in (1, 2, 3, 5, 8, 9, 17, 1000, 5000)] == [
+        1, 2, 4, 8, 8, 16, 32, 1024, 1024,
+    ]
+
+
+# ------------------------------------------------------------------ non-negative OMP
+
+
+@pytest.mark.parametrize("gram", [True, False], ids=["gram", "matrix-free"])
+def test_nonnegative_exact_recovery(gram):
+    dictionary, codes, activations = sparse_problem(1024, 128, 24, 10, seed=7, positive=True)
+    result = solvers.unfold(activations, solvers.prepare(dictionary, gram=gram), k=10, positive=True)
+    np.testing.assert_allclose(result.to_dense(), codes, atol=1e-4)
+    assert np.all(result.status == Status.EXACT)
+
+
+@pytest.mark.parametrize("gram", [True, False], ids=["gram", "matrix-free"])
+def test_nonnegative_codes_solve_nnls_on_their_support(gram):
+    # Correlated atoms (a common offset) and generic targets: supports change as atoms are
+    # added (Lawson-Hanson drops some), and rows run out of positive correlations.
+    rng = np.random.default_rng(8)
+    dictionary = rng.standard_normal((60, 20)) + 1.5
+    activations = rng.standard_normal((32, 20)) + 2.0
+    result = solvers.unfold(activations, solvers.prepare(dictionary, gram=gram), k=12, positive=True)
+    assert np.all(result.values >= 0)
+    assert np.any(result.n_iter > result.l0)  # some atoms were dropped on the way
+    assert np.any(result.status == Status.NO_POSITIVE_CORRELATION)
+    for row in range(len(activations)):
+        support = result.indices[row][result.indices[row] >= 0]
+        assert len(support) == result.l0[row] <= 12 and len(set(support)) == len(support)
+        reference, _ = nnls(dictionary[support].T, activations[row])
+        np.testing.assert_allclose(result.values[row][: len(support)], reference, atol=2e-4)
+
+
+def test_nonnegative_stops_at_the_global_nnls_solution():
+    # More dimensions than atoms: the NNLS over the whole dictionary is unique, and a row that
+    # stops for lack of positive correlations satisfies its optimality conditions.
+    rng = np.random.default_rng(9)
+    dictionary = rng.standard_normal((30, 60))
+    activations = rng.standard_normal((8, 60))
+    result = solvers.unfold(activations, dictionary, k=30, positive=True)
+    assert np.all(result.status == Status.NO_POSITIVE_CORRELATION)
+    for row, x in zip(result.to_dense(), activations, strict=True):
+        np.testing.assert_allclose(row, nnls(dictionary.T, x)[0], atol=2e-4)
+
+
+def test_nonnegative_on_orthonormal_atoms_keeps_the_positive_part():
+    activations = np.array([[-1.0, 2.0, -3.0, 0.5, 0.0, 4.0], [-1.0] * 6])
+    result = solvers.unfold(activations, np.eye(6), k=6, positive=True)
+    np.testing.assert_allclose(result.to_dense(), np.maximum(activations, 0), atol=1e-6)
+    np.testing.assert_array_equal(result.status, Status.NO_POSITIVE_CORRELATION)
+    np.testing.assert_array_equal(result.l0, [3, 0])
+
+
+def test_nonnegative_tol_and_bad_positive():
+    dictionary, _, activations = sparse_problem(500, 120, 6, 4, seed=10, positive=True)
+    result = solvers.unfold(activations, dictionary, tol=1e-3, positive=True)
+    np.testing.assert_array_equal(result.l0, 4)
+    assert np.all(result.residual_norm <= 1e-3)
+    with pytest.raises(ValueError, match="positive"):
+        solvers.unfold(activations, dictionary, k=3, positive="yes")

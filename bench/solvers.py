@@ -1,0 +1,395 @@
+"""Solver benchmark: Unfold against SPAMS and scikit-learn on the same data, in one run.
+
+Problem P1: a unit-norm Gaussian dictionary (n_features=8192, d_model=512), codes with 32
+non-zeros uniform in [0.5, 2] with random signs, noise 0.01, float32 for Unfold. Rows:
+
+- OMP, k=32: Unfold (Gram path), SPAMS ``spams.omp`` (float64, best of 1 and 2 threads),
+  scikit-learn ``sparse_encode(algorithm="omp", gram=...)`` on a subset of rows.
+- non-negative LASSO, alpha=0.05, when ``"lasso"`` is in ``solvers.METHODS``: Unfold "lasso",
+  SPAMS ``spams.lasso(mode=2, pos=True, lambda1=0.05)`` given its Gram matrix, scikit-learn
+  ``sparse_encode(algorithm="lasso_lars", alpha=0.05, positive=True)`` on a subset. (scikit-learn
+  divides ``alpha`` by d_model and LassoLars divides the squared error by d_model, so
+  ``alpha=0.05`` there is the objective ``0.5 ||x - c D||^2 + 0.05 ||c||_1`` of Unfold and SPAMS.)
+
+Columns: set-up (per dictionary: Unfold's `prepare`, SPAMS's Gram, ...), time for the rows
+(median of repeats), rows/s, Unfold's speed ratio to each peer, mean relative error
+``||x - c D|| / ||x||``, support-recovery F1 against the ground truth, and for the LASSO the
+mean objective's relative difference to SPAMS. Then the time to first result (compilation) for
+new shapes, and with ``--p2`` the matrix-free problem P2 (n_features=65536, d_model=2304, k=64,
+batch 256) in a subprocess, with its peak memory (VmHWM).
+
+    python bench/solvers.py             # P1 (a few minutes)
+    python bench/solvers.py --p2        # and P2
+    python bench/solvers.py --quick     # small smoke run
+
+Unfold runs one chunk sequence per core (see `solvers._api.default_streams`); peers get their
+best thread count. The machine may be shared: read the ratios, measured in one run. On hosts
+that set OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE, run with them unset for the numpy/SPAMS peers:
+``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/solvers.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import solvers  # noqa: E402
+
+
+def make_problem(n_features, d_model, batch, n_nonzero, *, noise=0.01, seed=0, positive=False):
+    """Unit-norm Gaussian dictionary (n_features, d_model) float32, codes (batch, n_features)
+    with `n_nonzero` entries of magnitude in [0.5, 2], activations (batch, d_model) float32."""
+    rng = np.random.default_rng(seed)
+    dictionary = rng.standard_normal((n_features, d_model), dtype=np.float32)
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    codes = np.zeros((batch, n_features), np.float32)
+    for row in codes:
+        support = rng.choice(n_features, n_nonzero, replace=False)
+        signs = 1.0 if positive else rng.choice([-1.0, 1.0], n_nonzero)
+        row[support] = signs * rng.uniform(0.5, 2.0, n_nonzero)
+    activations = codes @ dictionary
+    activations += noise * rng.standard_normal(activations.shape, dtype=np.float32)
+    return dictionary, codes, activations
+
+
+def support_f1(estimate: np.ndarray, truth: np.ndarray) -> float:
+    found, true = estimate != 0, truth != 0
+    tp = np.sum(found & true)
+    return float(2 * tp / max(np.sum(found) + np.sum(true), 1))
+
+
+def relative_error(codes: np.ndarray, dictionary: np.ndarray, x: np.ndarray) -> float:
+    residual = x - codes.astype(np.float64) @ dictionary
+    return float(np.mean(np.linalg.norm(residual, axis=1) / np.linalg.norm(x, axis=1)))
+
+
+def lasso_objective(codes, dictionary, x, alpha) -> np.ndarray:
+    residual = x.astype(np.float64) - codes.astype(np.float64) @ dictionary
+    return 0.5 * np.sum(residual**2, axis=1) + alpha * np.sum(np.abs(codes), axis=1)
+
+
+def timed(function, repeats: int):
+    """(median seconds over `repeats` calls, last result)."""
+    times, result = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory (VmHWM), which counts XLA's allocations."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def print_table(rows: list[dict], peers: list[str]) -> None:
+    head = f"{'method':10s} {'implementation':34s} {'set-up s':>8s} {'rows':>6s} {'time s':>8s} "
+    head += f"{'rows/s':>8s} " + " ".join(f"{'x ' + p:>9s}" for p in peers)
+    head += f" {'rel.err':>8s} {'F1':>6s} {'obj vs SPAMS':>12s}"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        line = f"{row['method']:10s} {row['impl']:34s} {row.get('setup', float('nan')):8.2f} "
+        line += f"{row['rows']:6d} {row['time']:8.3f} {row['rows'] / row['time']:8.1f} "
+        ratios = []
+        for peer in peers:
+            ref = next(
+                (r for r in rows if r["method"] == row["method"] and r.get("peer") == peer), None
+            )
+            if row.get("peer") is None and ref is not None:
+                ratios.append(f"{(row['rows'] / row['time']) / (ref['rows'] / ref['time']):9.2f}")
+            else:
+                ratios.append(f"{'':9s}")
+        line += " ".join(ratios)
+        line += f" {row['rel_err']:8.4f} {row['f1']:6.4f} {row.get('obj', ''):>12s}"
+        print(line)
+
+
+# ------------------------------------------------------------------------------------- peers
+
+
+def spams_omp(spams, dictionary, x, k, threads):
+    d_f = np.asfortranarray(dictionary.T, dtype=np.float64)
+    x_f = np.asfortranarray(x.T, dtype=np.float64)
+    codes = spams.omp(x_f, d_f, L=k, numThreads=threads)
+    return np.asarray(codes.toarray().T, np.float32)
+
+
+def spams_lasso(spams, dictionary, x, alpha, threads, gram=None):
+    d_f = np.asfortranarray(dictionary.T, dtype=np.float64)
+    x_f = np.asfortranarray(x.T, dtype=np.float64)
+    kwargs = {} if gram is None else {"Q": gram, "q": np.asfortranarray(d_f.T @ x_f)}
+    codes = spams.lasso(x_f, D=d_f, lambda1=alpha, mode=2, pos=True, numThreads=threads, **kwargs)
+    return np.asarray(codes.toarray().T, np.float32)
+
+
+def run_peers_omp(dictionary, codes, x, k, args, rows_out):
+    try:
+        import spams
+    except ImportError:
+        print("SPAMS not installed (pip install spams-bin): skipped")
+        spams = None
+    if spams is not None:
+        # set-up: SPAMS builds its Gram matrix inside every call; a one-row call measures it.
+        setup, _ = timed(lambda: spams_omp(spams, dictionary, x[:1], k, 2), 1)
+        best = None
+        for threads in args.threads:
+            seconds, out = timed(lambda t=threads: spams_omp(spams, dictionary, x, k, t), args.repeats)
+            if best is None or seconds < best[0]:
+                best = (seconds, out, threads)
+        seconds, out, threads = best
+        rows_out.append(
+            dict(method="omp", impl=f"SPAMS omp float64 ({threads} thr, incl. set-up)",
+                 peer="SPAMS", setup=setup, rows=len(x), time=seconds,
+                 rel_err=relative_error(out, dictionary, x), f1=support_f1(out, codes))
+        )
+    from sklearn.decomposition import sparse_encode
+
+    n = min(args.sklearn_rows, len(x))
+    d64 = dictionary.astype(np.float64)
+    started = time.perf_counter()
+    gram = d64 @ d64.T
+    setup = time.perf_counter() - started
+    seconds, out = timed(
+        lambda: sparse_encode(x[:n].astype(np.float64), d64, algorithm="omp", n_nonzero_coefs=k,
+                              gram=gram),
+        1,
+    )
+    rows_out.append(
+        dict(method="omp", impl="scikit-learn sparse_encode omp", peer="sklearn", setup=setup,
+             rows=n, time=seconds, rel_err=relative_error(out, dictionary, x[:n]),
+             f1=support_f1(out, codes[:n]))
+    )
+
+
+def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
+    try:
+        import spams
+    except ImportError:
+        spams = None
+    spams_objective = None
+    if spams is not None:
+        d_f = np.asfortranarray(dictionary.T, dtype=np.float64)
+        started = time.perf_counter()
+        gram = np.asfortranarray(d_f.T @ d_f)
+        setup = time.perf_counter() - started
+        best = None
+        for threads in args.threads:
+            seconds, out = timed(
+                lambda t=threads: spams_lasso(spams, dictionary, x, alpha, t, gram), args.repeats
+            )
+            if best is None or seconds < best[0]:
+                best = (seconds, out, threads)
+        seconds, out, threads = best
+        spams_objective = lasso_objective(out, dictionary, x, alpha)
+        rows_out.append(
+            dict(method="nn-lasso", impl=f"SPAMS lasso LARS float64 ({threads} thr)", peer="SPAMS",
+                 setup=setup, rows=len(x), time=seconds,
+                 rel_err=relative_error(out, dictionary, x), f1=support_f1(out, codes), obj="0")
+        )
+    from sklearn.decomposition import sparse_encode
+
+    n = min(args.sklearn_lasso_rows, len(x))
+    d64 = dictionary.astype(np.float64)
+    started = time.perf_counter()
+    gram = d64 @ d64.T
+    setup = time.perf_counter() - started
+    seconds, out = timed(
+        lambda: sparse_encode(x[:n].astype(np.float64), d64, algorithm="lasso_lars", alpha=alpha,
+                              positive=True, gram=gram),
+        1,
+    )
+    obj = ""
+    if spams_objective is not None:
+        mine = lasso_objective(out, dictionary, x[:n], alpha)
+        obj = f"{np.mean((mine - spams_objective[:n]) / spams_objective[:n]):+.2e}"
+    rows_out.append(
+        dict(method="nn-lasso", impl="scikit-learn sparse_encode lasso_lars", peer="sklearn",
+             setup=setup, rows=n, time=seconds, rel_err=relative_error(out, dictionary, x[:n]),
+             f1=support_f1(out, codes[:n]), obj=obj)
+    )
+    return spams_objective
+
+
+# ------------------------------------------------------------------------------------- runs
+
+
+def run_p1(args) -> None:
+    n_features, d_model, batch, k = args.n_features, args.d_model, args.batch, args.k
+    print(f"P1: n_features={n_features} d_model={d_model} batch={batch} k={k} noise=0.01, "
+          f"Unfold in float32 on {len(os.sched_getaffinity(0))} cores")
+    dictionary, codes, x = make_problem(n_features, d_model, batch, k, seed=0)
+    rows: list[dict] = []
+
+    started = time.perf_counter()
+    prepared = solvers.prepare(dictionary)
+    prepared.gram.block_until_ready()
+    setup = time.perf_counter() - started
+    started = time.perf_counter()
+    solvers.unfold(x, prepared, method="omp", k=k)
+    first = time.perf_counter() - started
+    seconds, result = timed(lambda: solvers.unfold(x, prepared, method="omp", k=k), args.repeats)
+    dense = result.to_dense()
+    rows.append(dict(method="omp", impl="Unfold omp float32 (Gram path)", setup=setup,
+                     rows=batch, time=seconds, rel_err=relative_error(dense, dictionary, x),
+                     f1=support_f1(dense, codes)))
+    compile_notes = [f"omp k={k}, first call on {batch} rows: {first:.1f} s "
+                     f"(of which compile about {first - seconds:.1f} s)"]
+    run_peers_omp(dictionary, codes, x, k, args, rows)
+
+    if "lasso" in solvers.METHODS and not args.no_lasso:
+        alpha = 0.05
+        # Same dictionary (same seed), non-negative codes.
+        pos_dictionary, pos_codes, pos_x = make_problem(
+            n_features, d_model, batch, k, seed=0, positive=True)
+        lasso_batch = min(batch, args.lasso_batch)
+        pos_codes, pos_x = pos_codes[:lasso_batch], pos_x[:lasso_batch]
+        started = time.perf_counter()
+        solvers.unfold(pos_x, prepared, method="lasso", alpha=alpha, positive=True)
+        first = time.perf_counter() - started
+        seconds, result = timed(
+            lambda: solvers.unfold(pos_x, prepared, method="lasso", alpha=alpha, positive=True),
+            args.repeats,
+        )
+        dense = result.to_dense()
+        unfold_objective = lasso_objective(dense, pos_dictionary, pos_x, alpha)
+        lasso_rows: list[dict] = []
+        spams_objective = run_peers_lasso(pos_dictionary, pos_codes, pos_x, alpha, args, lasso_rows)
+        obj = ""
+        if spams_objective is not None:
+            obj = f"{np.mean((unfold_objective - spams_objective) / spams_objective):+.2e}"
+        rows.append(dict(method="nn-lasso", impl="Unfold lasso float32 (positive)", setup=setup,
+                         rows=lasso_batch, time=seconds,
+                         rel_err=relative_error(dense, pos_dictionary, pos_x),
+                         f1=support_f1(dense, pos_codes), obj=obj))
+        rows.extend(lasso_rows)
+        compile_notes.append(f"lasso, first call on {lasso_batch} rows: {first:.1f} s "
+                             f"(of which compile about {first - seconds:.1f} s)")
+
+    print()
+    print_table(rows, ["SPAMS", "sklearn"])
+    print()
+    print("Time to first result (compilation included):")
+    for note in compile_notes:
+        print("  " + note)
+    for new_k, new_rows in args.compile_shapes:
+        new_x = x[:new_rows]
+        started = time.perf_counter()
+        solvers.unfold(new_x, prepared, method="omp", k=new_k)
+        first = time.perf_counter() - started
+        again, _ = timed(lambda nk=new_k, nx=new_x: solvers.unfold(nx, prepared, method="omp", k=nk), 1)
+        print(f"  omp k={new_k} on a new shape of {new_rows} rows: {first:.1f} s "
+              f"(then {again:.2f} s per call)")
+
+
+def p2_worker(args) -> None:
+    """Run P2 in this (fresh) process and print one JSON line."""
+    n_features, d_model, batch, k = args.p2_shape
+    dictionary, codes, x = make_problem(n_features, d_model, batch, k, seed=2)
+    base = peak_memory_bytes()
+    started = time.perf_counter()
+    # At 65536 features the Gram matrix (17 GB) is over the budget: prepare picks matrix-free.
+    prepared = solvers.prepare(dictionary, gram=False)
+    setup = time.perf_counter() - started
+    del dictionary
+    started = time.perf_counter()
+    solvers.unfold(x, prepared, method="omp", k=k)
+    first = time.perf_counter() - started
+    seconds, result = timed(lambda: solvers.unfold(x, prepared, method="omp", k=k), args.repeats)
+    dense = result.to_dense()
+    atoms = np.asarray(prepared.atoms)
+    out = dict(rows=batch, time=seconds, setup=setup, first=first,
+               rel_err=relative_error(dense, atoms, x), f1=support_f1(dense, codes),
+               peak=peak_memory_bytes(), problem_bytes=base)
+    if args.p2_sklearn_rows:
+        from sklearn.linear_model import orthogonal_mp
+
+        n = args.p2_sklearn_rows
+        d64 = atoms.astype(np.float64)
+        sk_seconds, sk = timed(
+            lambda: orthogonal_mp(d64.T, x[:n].T.astype(np.float64), n_nonzero_coefs=k,
+                                  precompute=False).T,
+            1,
+        )
+        out.update(sk_rows=n, sk_time=sk_seconds, sk_rel_err=relative_error(sk, atoms, x[:n]),
+                   sk_f1=support_f1(sk, codes[:n]))
+    print(json.dumps(out))
+
+
+def run_p2(args) -> None:
+    command = [sys.executable, os.path.abspath(__file__), "--p2-worker", "--repeats",
+               str(args.repeats), "--p2-batch", str(args.p2_batch), "--p2-sklearn-rows",
+               str(args.p2_sklearn_rows)] + (["--quick"] if args.quick else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print("P2 failed:\n" + done.stderr[-3000:])
+        return
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    print()
+    n_features, d_model, _, k = args.p2_shape
+    print(f"P2 (matrix-free): n_features={n_features} d_model={d_model} k={k} "
+          f"batch={r['rows']} float32")
+    print(f"  Unfold omp: {r['time']:.2f} s, {r['rows'] / r['time']:.1f} rows/s, "
+          f"rel.err {r['rel_err']:.4f}, F1 {r['f1']:.4f}; prepare {r['setup']:.1f} s, "
+          f"first call (compile) {r['first']:.1f} s")
+    print(f"  peak memory of the process (VmHWM): {r['peak'] / 2**30:.2f} GiB "
+          f"(of which the problem's own arrays before solving {r['problem_bytes'] / 2**30:.2f} GiB)")
+    if "sk_rows" in r:
+        rate = r["sk_rows"] / r["sk_time"]
+        print(f"  scikit-learn orthogonal_mp (precompute=False, float64) on {r['sk_rows']} rows: "
+              f"{rate:.2f} rows/s, rel.err {r['sk_rel_err']:.4f}, F1 {r['sk_f1']:.4f}; "
+              f"Unfold x{(r['rows'] / r['time']) / rate:.1f}")
+    print(f"  SPAMS omp builds the {n_features}^2 float64 Gram matrix "
+          f"({n_features**2 * 8 / 1e9:.0f} GB at full size): not run.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small problem, one repeat")
+    parser.add_argument("--p2", action="store_true", help="also the matrix-free problem P2")
+    parser.add_argument("--no-lasso", action="store_true")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sklearn-rows", type=int, default=64)
+    parser.add_argument("--sklearn-lasso-rows", type=int, default=16)
+    parser.add_argument("--lasso-batch", type=int, default=4096)
+    parser.add_argument("--p2-batch", type=int, default=256)
+    parser.add_argument("--p2-sklearn-rows", type=int, default=4)
+    parser.add_argument("--p2-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.n_features, args.d_model, args.k = 8192, 512, 32
+    args.compile_shapes = [(32, 100), (64, 100)]
+    args.p2_shape = (65536, 2304, args.p2_batch, 64)
+    if args.quick:
+        args.n_features, args.d_model, args.k = 2048, 256, 16
+        args.batch, args.repeats = min(args.batch, 512), 1
+        args.sklearn_rows, args.sklearn_lasso_rows = 16, 4
+        args.lasso_batch = min(args.lasso_batch, 256)
+        args.compile_shapes = [(16, 100)]
+        args.p2_batch, args.p2_sklearn_rows = min(args.p2_batch, 32), 1
+        args.p2_shape = (16384, 768, args.p2_batch, 32)
+    if args.p2_worker:
+        p2_worker(args)
+        return
+    run_p1(args)
+    if args.p2:
+        run_p2(args)
+
+
+if __name__ == "__main__":
+    main()
