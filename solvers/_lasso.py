@@ -53,6 +53,8 @@ INNER_FRACTION = 0.25
 """The working-set subproblem is solved to this fraction of the target gap..."""
 INNER_REDUCTION = 1e-5
 """...or to this fraction of the last global gap, whichever is larger."""
+MAX_BUILT_BLOCK = 128
+"""Matrix-free: largest working set whose Gram block is built from the atoms."""
 STEP_MARGIN = 1.0 + 1e-4
 """Lipschitz bounds are inflated this much against rounding."""
 
@@ -352,9 +354,10 @@ def solve_lasso(settings: Lasso, dictionary: Dictionary, x: jax.Array) -> ChunkS
 
     def run_tier(width: int, last_tier: bool, start: _Outer) -> _Outer:
         use_gram = dictionary.gram is not None
-        block_free = not use_gram and width * d_model > 4 * width * width
-        # Without a Gram matrix, a w x w block costs w^2 d_model to build: worth it while
-        # w is small against d_model; otherwise products go through the w atoms.
+        # Without a Gram matrix, a w x w block costs w^2 d_model to build per refresh, against
+        # 2 w d_model - w^2 saved per FISTA step: built for small w; otherwise products go
+        # through the w atoms.
+        block_free = not use_gram and width > MAX_BUILT_BLOCK
 
         def apply_gram(c, block):
             if block_free:
@@ -389,7 +392,14 @@ def solve_lasso(settings: Lasso, dictionary: Dictionary, x: jax.Array) -> ChunkS
             )
             active = ~s.done
             codes_w, steps = inner_solve(
-                codes_w, block, b_w, step, target, active, max_iter - s.n_iter, apply_gram
+                codes_w,
+                block,
+                b_w,
+                step,
+                target,
+                active,
+                max_iter - s.n_iter,
+                apply_gram,
             )
             dense = jnp.zeros_like(s.codes).at[rows, working_set].set(codes_w)
             codes = jnp.where(active[:, None], dense, s.codes)
@@ -420,9 +430,7 @@ def solve_lasso(settings: Lasso, dictionary: Dictionary, x: jax.Array) -> ChunkS
             )
 
         start = start._replace(outer=jnp.zeros((), jnp.int32))
-        return jax.lax.while_loop(
-            lambda s: jnp.any(~s.done) & (s.outer < MAX_OUTER), body, start
-        )
+        return jax.lax.while_loop(lambda s: jnp.any(~s.done) & (s.outer < MAX_OUTER), body, start)
 
     zeros = jnp.zeros((batch, n_features), dtype)
     no_iter = jnp.zeros((batch,), jnp.int32)
