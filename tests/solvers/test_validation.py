@@ -88,6 +88,7 @@ def test_non_finite_bias(activations, dictionary, bad):
         omp(activations, dictionary, bias=bias)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_values_that_overflow_the_dtype(activations, dictionary):
     # Finite in float64, infinite once cast to float32.
     with pytest.raises(ValueError, match="activations contains .* non-finite"):
