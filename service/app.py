@@ -26,10 +26,9 @@ from .store import DictionaryStore
 log = logging.getLogger(__name__)
 
 
-def start_loading(
-    registry: Registry, settings: Settings, warmed: threading.Event | None = None
-) -> threading.Thread:
-    """Load stored dictionaries in the background (readiness waits for it), then seed the demo."""
+def start_loading(registry: Registry, settings: Settings) -> threading.Thread:
+    """In the background: load and verify the stored dictionaries, seed the demo on an empty
+    store, compile the default programs; then the registry, hence `/readyz`, is ready."""
 
     def load():
         try:
@@ -45,8 +44,7 @@ def start_loading(
             if settings.warmup:  # compile the default method's batch buckets ahead of requests
                 for entry in registry.entries():
                     warmup(entry, settings.max_batch_size)
-            if warmed is not None:
-                warmed.set()
+            registry.ready.set()
         except Exception:
             log.exception("loading dictionaries failed")
             raise
@@ -67,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             enable_compilation_cache(settings.data_dir / "jax-cache")
         if app.state.batcher.closed:  # the app is started again
             app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
-        app.state.loader = start_loading(app.state.registry, settings, app.state.warmed)
+        app.state.loader = start_loading(app.state.registry, settings)
         yield
         await app.state.batcher.close()
 
@@ -83,7 +81,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.metrics = Metrics()
     app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
-    app.state.warmed = threading.Event()  # set once loaded dictionaries are warmed up
     install_error_handlers(app)
     install_middleware(app, settings)
 

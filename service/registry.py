@@ -41,15 +41,15 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._names: dict[str, str] = {}
         self._lock = threading.Lock()
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # set when start-up loading (and warm-up) is done
 
     def load_stored(self) -> int:
-        """Load (verify and precompute) every stored dictionary; then the registry is ready."""
+        """Load (verify and precompute) every stored dictionary. The caller sets `ready` once
+        everything start-up does is done."""
         count = 0
         for record in self.store.load_all():
             self._add(record)
             count += 1
-        self.ready.set()
         log.info("loaded %d dictionaries", count)
         return count
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -9,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from .. import unfolding
+from ..batching import warmup
 from ..dependencies import BatcherDep, RegistryDep, SettingsDep
 from ..errors import InvalidInput
 from ..formats import (
@@ -122,9 +125,13 @@ def _matrix(rows: list[list[float]]) -> np.ndarray:
         },
     ),
 )
-async def create_dictionary(request: Request, registry: RegistryDep):
+async def create_dictionary(request: Request, registry: RegistryDep, settings: SettingsDep):
     registration = await read_registration(request)
     entry, created = await run_in_threadpool(lambda: registry.register(**registration))
+    if created and settings.warmup:  # compile its default programs before the first request
+        threading.Thread(
+            target=warmup, args=(entry, settings.max_batch_size), name="unfold-warmup", daemon=True
+        ).start()
     return unfolding.JSONResponse(
         describe(entry).model_dump(mode="json"), status_code=201 if created else 200
     )

@@ -270,7 +270,7 @@ def test_start_up_warm_up_compiles_every_program_a_default_request_needs(tmp_pat
         created = client.post("/v1/dictionaries", json={"name": "odd", "directions": directions})
         assert created.status_code == 201, created.text
     with running_client(tmp_path, max_batch_size=16, **quiet) as client:
-        assert client.app.state.warmed.is_set()
+        assert client.app.state.registry.ready.is_set()
         before = compiled()
         for rows in (1, 3, 5, 9, 16):
             response = client.post(
