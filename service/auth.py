@@ -43,7 +43,7 @@ class APIKeyMiddleware:
         if token is None:
             response = unauthorized(
                 scope["path"],
-                "this service needs an API key: send the header 'Authorization: Bearer <key>'"
+                "this service needs an API key: send the header 'Authorization: Bearer <key>'",
             )
         elif not self.valid(token):
             response = unauthorized(scope["path"], "the API key is not valid")
