@@ -12,7 +12,8 @@ from scratch, never updated by accumulation (no drift in float32):
   Each step gathers one row of the Gram matrix; the rows of the support are kept per row of the
   batch, in segments of `SEGMENT` steps so that step t reads about t rows, not k (the product
   ``gamma @ G[S]``, of ``n_features * t`` multiply-adds, is the bulk of the work: about
-  ``n_features * k^2 / 2`` per row in all).
+  ``n_features * k^2 / 2`` per row in all). Steps are not unrolled: compilation stays a few
+  seconds for any k.
 - Matrix-free path: ``c = D (x - gamma @ D[S])``, one product with the dictionary per step;
   memory O(batch * n_features) per chunk, for dictionaries too large for a Gram matrix.
 
@@ -40,7 +41,9 @@ from ._result import ChunkSolution, Status
 from ._validation import check_nonnegative, check_positive_int
 
 SEGMENT = 8
-"""Gram path: steps per segment of stored Gram rows (a compiled loop each)."""
+"""Gram path: steps per segment of stored Gram rows (a compiled loop each) ..."""
+MAX_SEGMENTS = 8
+"""... or more steps per segment when k is large, to bound compilation time."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +141,7 @@ def select(correlations: jax.Array, inv_norms: jax.Array, positive: bool):
 
 class OMPState(NamedTuple):
     correlations: jax.Array  # (batch, n_features): D r, r the current residual
-    stored: jax.Array  # Gram rows of this segment (batch, SEGMENT, n_features), or (batch, k, d_model) atoms
+    stored: jax.Array  # [D x; G[S]] (batch, 1 + segments so far, n_features), or atoms (batch, k, d_model)
     inv_chol: jax.Array  # (batch, k, k) Linv, lower-triangular, rows of unused slots zero
     projections: jax.Array  # (batch, k) z_i = <q_i, x>
     indices: jax.Array  # (batch, k) selected atoms, -1 when none
@@ -167,8 +170,8 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
     inv_norms = 1.0 / dictionary.norms
     atom_sq = dictionary.norms**2
 
-    def make_step(start: int, earlier):
-        """Step t = start + u of a segment; `earlier`: Gram rows of finished segments."""
+    def make_step(start: int):
+        """Step t = start + u of the segment starting at step `start`."""
 
         def step(u, s: OMPState) -> OMPState:
             t = start + u
@@ -178,7 +181,7 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
             if use_gram:
                 new = dictionary.gram[j]  # (batch, n_features)
                 against = jnp.take_along_axis(new, safe, axis=1)  # G[S, j]
-                stored = s.stored.at[:, u].set(new)
+                stored = jax.lax.dynamic_update_slice_in_dim(s.stored, new[:, None, :], 1 + t, axis=1)
             else:
                 new = dictionary.atoms[j]  # (batch, d_model)
                 against = jnp.einsum("bkm,bm->bk", s.stored, new)
@@ -210,11 +213,9 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
             )
             gamma = jnp.einsum("bij,bi->bj", inv_chol, projections)  # codes on the support
             if use_gram:
-                width = stored.shape[1]
-                fitted = jnp.einsum("bk,bkn->bn", gamma[:, start : start + width], stored)
-                if earlier is not None:
-                    fitted = fitted + jnp.einsum("bk,bkn->bn", gamma[:, :start], earlier)
-                correlations = alpha0 - fitted
+                # [1, -gamma] @ [D x; G[S]]: one product gives D x - gamma @ G[S].
+                weights = jnp.concatenate([jnp.ones((batch, 1), dtype), -gamma], axis=1)
+                correlations = jnp.einsum("bk,bkn->bn", weights[:, : stored.shape[1]], stored)
             else:
                 residual = x - jnp.einsum("bk,bkm->bm", gamma, stored)
                 correlations = residual @ dictionary.atoms.T
@@ -240,15 +241,17 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
         stop=jnp.where(x_sq == 0, Status.EXACT + 1, 0).astype(jnp.int32),
     )
     if use_gram:
-        # Segments of SEGMENT steps: step t multiplies by ceil-to-segment(t) Gram rows, not k.
-        earlier = None
-        for start in range(0, k, SEGMENT):
-            width = min(SEGMENT, k - start)
-            state = state._replace(stored=jnp.zeros((batch, width, n_features), dtype))
-            state = jax.lax.fori_loop(0, width, make_step(start, earlier), state)
-            earlier = state.stored if earlier is None else jnp.concatenate([earlier, state.stored], 1)
+        # `stored` is [D x; G[S]] grown by a segment of rows at a time: step t multiplies by
+        # t rounded up to a segment of Gram rows, not k.
+        segment = max(SEGMENT, -(-k // MAX_SEGMENTS))
+        stored = alpha0[:, None, :]
+        for start in range(0, k, segment):
+            width = min(segment, k - start)
+            stored = jnp.concatenate([stored, jnp.zeros((batch, width, n_features), dtype)], 1)
+            state = jax.lax.fori_loop(0, width, make_step(start), state._replace(stored=stored))
+            stored = state.stored
     else:
-        state = jax.lax.fori_loop(0, k, make_step(0, None), state)
+        state = jax.lax.fori_loop(0, k, make_step(0), state)
 
     values = jnp.einsum("bij,bi->bj", state.inv_chol, state.projections)
     n_iter = jnp.sum(state.indices >= 0, axis=1).astype(jnp.int32)
