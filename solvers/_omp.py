@@ -100,17 +100,26 @@ def _block_width(n_features: int) -> int:
     return 0
 
 
-def select(correlations: jax.Array, inv_norms: jax.Array, positive: bool):
+def select(correlations: jax.Array, inv_norms: jax.Array | None, positive: bool):
     """Best atom of each row: (index, score), the first maximiser of the norm-scaled
-    correlation (its absolute value unless `positive`).
+    correlation ``correlations * inv_norms`` (its absolute value unless `positive`).
 
-    `correlations` of shape (batch, n_features); returns two arrays of shape (batch,).
-    Same result as ``argmax`` (first index on ties), in vectorised passes: XLA's CPU argmax
-    is a scalar loop.
+    `correlations` of shape (batch, n_features); `inv_norms` of shape (n_features,), or None
+    when the correlations are already scaled (unit-norm atoms): then each pass reads them
+    once and writes nothing. Returns two arrays of shape (batch,). Same result as ``argmax``
+    (first index on ties), in vectorised passes: XLA's CPU argmax is a scalar loop.
     """
 
     def scores(c, inv):
-        return (c if positive else jnp.abs(c)) * inv
+        c = c if positive else jnp.abs(c)
+        return c if inv is None else c * inv
+
+    def largest(c, inv, axis):
+        if inv is not None:
+            return jnp.max(scores(c, inv), axis=axis)
+        if positive:
+            return jnp.max(c, axis=axis)
+        return jnp.maximum(jnp.max(c, axis=axis), -jnp.min(c, axis=axis))
 
     batch, n = correlations.shape
     width = _block_width(n)
@@ -121,15 +130,16 @@ def select(correlations: jax.Array, inv_norms: jax.Array, positive: bool):
         return jnp.minimum(index, n - 1), best
     n_blocks = n // width
     blocks = correlations.reshape(batch, n_blocks, width)
-    inv_blocks = inv_norms.reshape(n_blocks, width)
-    block_max = jnp.max(scores(blocks, inv_blocks), axis=2)  # (batch, n_blocks)
+    inv_blocks = None if inv_norms is None else inv_norms.reshape(n_blocks, width)
+    block_max = largest(blocks, inv_blocks, 2)  # (batch, n_blocks)
     best = jnp.max(block_max, axis=1)
     block = jnp.min(
         jnp.where(block_max == best[:, None], jnp.arange(n_blocks, dtype=jnp.int32), n_blocks),
         axis=1,
     )
     block = jnp.minimum(block, n_blocks - 1)  # NaN-safe
-    inside = scores(jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0], inv_blocks[block])
+    inside = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    inside = scores(inside, None if inv_blocks is None else inv_blocks[block])
     offset = jnp.min(
         jnp.where(inside == best[:, None], jnp.arange(width, dtype=jnp.int32), width), axis=1
     )
@@ -153,7 +163,8 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
     """OMP on a chunk of centred activations `x` of shape (batch, d_model), with
     ``alpha0 = x @ atoms.T`` of shape (batch, n_features).
 
-    Indices and values come back of shape (batch, k).
+    Indices and values come back of shape (batch, k). Internally the atoms are scaled to unit
+    norm (scores need no scaling pass); values are converted back at the end.
     """
     batch = x.shape[0]
     k = settings.k
@@ -168,7 +179,7 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
     exact_sq = 10 * eps * x_sq  # below this the residual is rounding noise
     tol_sq = jnp.asarray(settings.tol, dtype) ** 2
     inv_norms = 1.0 / dictionary.norms
-    atom_sq = dictionary.norms**2
+    alpha0 = alpha0 * inv_norms  # correlations with the unit-norm atoms
 
     def make_step(start: int):
         """Step t = start + u of the segment starting at step `start`."""
@@ -176,20 +187,21 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
         def step(u, s: OMPState) -> OMPState:
             t = start + u
             running = s.stop == 0
-            j, _ = select(s.correlations, inv_norms, False)
+            j, _ = select(s.correlations, None, False)
             safe = jnp.maximum(s.indices, 0)
+            scale = inv_norms[j][:, None]
             if use_gram:
-                new = dictionary.gram[j]  # (batch, n_features)
+                new = dictionary.gram[j] * (scale * inv_norms)  # (batch, n_features), unit atoms
                 against = jnp.take_along_axis(new, safe, axis=1)  # G[S, j]
                 stored = jax.lax.dynamic_update_slice_in_dim(s.stored, new[:, None, :], 1 + t, axis=1)
             else:
-                new = dictionary.atoms[j]  # (batch, d_model)
+                new = dictionary.atoms[j] * scale  # (batch, d_model), unit norm
                 against = jnp.einsum("bkm,bm->bk", s.stored, new)
                 stored = s.stored.at[:, t].set(new)
             against = jnp.where(slots < t, against, 0.0)
             overlaps = jnp.einsum("bij,bj->bi", s.inv_chol, against)  # <d_j, q_i>
-            new_sq = atom_sq[j] - jnp.sum(overlaps * overlaps, axis=1)
-            independent = new_sq > 100 * eps * atom_sq[j]
+            new_sq = 1.0 - jnp.sum(overlaps * overlaps, axis=1)
+            independent = new_sq > 100 * eps
             ok = running & independent
             diag = jnp.sqrt(jnp.where(ok, new_sq, 1.0))
             # Row t of Linv: (e_t - ov^T Linv) / diag.
@@ -218,7 +230,7 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
                 correlations = jnp.einsum("bk,bkn->bn", weights[:, : stored.shape[1]], stored)
             else:
                 residual = x - jnp.einsum("bk,bkm->bm", gamma, stored)
-                correlations = residual @ dictionary.atoms.T
+                correlations = (residual @ dictionary.atoms.T) * inv_norms
             return OMPState(
                 correlations=correlations,
                 stored=stored,
@@ -254,6 +266,7 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
         state = jax.lax.fori_loop(0, k, make_step(0), state)
 
     values = jnp.einsum("bij,bi->bj", state.inv_chol, state.projections)
+    values = values * inv_norms[jnp.maximum(state.indices, 0)]  # in the dictionary's units
     n_iter = jnp.sum(state.indices >= 0, axis=1).astype(jnp.int32)
     status = jnp.where(state.stop == 0, Status.CONVERGED, state.stop - 1).astype(jnp.int32)
     return ChunkSolution(

@@ -102,10 +102,13 @@ def test_select_is_first_argmax(n_features):
     correlations[3, n_features - 1] = -9.0  # the largest magnitude is negative
     inv_norms = rng.uniform(0.5, 2.0, n_features).astype(np.float32)
     for positive in (False, True):
-        index, best = jax.jit(select, static_argnums=2)(correlations, inv_norms, positive)
-        scores = (correlations if positive else np.abs(correlations)) * inv_norms
-        np.testing.assert_array_equal(index, np.argmax(scores, axis=1))
-        np.testing.assert_allclose(best, np.max(scores, axis=1), rtol=1e-6)
+        for inv in (inv_norms, None):
+            index, best = jax.jit(select, static_argnums=2)(correlations, inv, positive)
+            scores = (correlations if positive else np.abs(correlations)) * (
+                1.0 if inv is None else inv
+            )
+            np.testing.assert_array_equal(index, np.argmax(scores, axis=1))
+            np.testing.assert_allclose(best, np.max(scores, axis=1), rtol=1e-6)
 
 
 def test_execution_settings_do_not_change_results():
