@@ -18,7 +18,7 @@ below the rounding noise of the dtype, see `gap_floor`), MAX_ITER otherwise.
   matrix-free), with a step from the block's Gershgorin bound; then the full correlations
   ``D r`` give the global duality gap and the next working set. Each iteration costs
   O(w^2) for w working-set features instead of O(n_features * d_model). The working set has
-  static capacity: 64 first, then ``2 * max_nonzero`` for the rows whose support fills it (a
+  static capacity: 128 first, then ``2 * max_nonzero`` for the rows whose support fills it (a
   `lax.cond` skips the large tier when no row of a chunk needs it).
 """
 
@@ -45,7 +45,7 @@ from ._validation import check_nonnegative, check_positive_int
 
 CHECK_EVERY = 10
 """Iterations between two duality-gap evaluations."""
-FIRST_TIER = 64
+FIRST_TIER = 128
 """Working-set capacity tried first by `Lasso`."""
 MAX_OUTER = 32
 """Working-set refreshes per capacity tier (a safety bound; max_iter binds first)."""
@@ -86,6 +86,8 @@ class _L1Settings:
 
     name: ClassVar[str] = "lasso"
     default_max_iter: ClassVar[int] = 1000
+    uses_correlations: ClassVar[bool] = True
+    """`solve` accepts ``correlations = x @ atoms.T`` computed for a whole block at once."""
 
     @classmethod
     def from_params(
@@ -120,8 +122,8 @@ class ISTA(_L1Settings):
 
     name: ClassVar[str] = "ista"
 
-    def solve(self, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
-        return solve_proximal_gradient(self, dictionary, x, accelerated=False)
+    def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
+        return solve_proximal_gradient(self, dictionary, x, correlations, accelerated=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +132,8 @@ class FISTA(_L1Settings):
 
     name: ClassVar[str] = "fista"
 
-    def solve(self, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
-        return solve_proximal_gradient(self, dictionary, x, accelerated=True)
+    def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
+        return solve_proximal_gradient(self, dictionary, x, correlations, accelerated=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +148,10 @@ class Lasso(_L1Settings):
     name: ClassVar[str] = "lasso"
     default_max_iter: ClassVar[int] = 10000
 
-    def solve(self, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
-        return solve_lasso(self, dictionary, x)
+    def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
+        """Solve a chunk of centred activations `x` of shape (batch, d_model); `correlations`,
+        optional, is ``x @ dictionary.atoms.T`` of shape (batch, n_features)."""
+        return solve_lasso(self, dictionary, x, correlations)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +168,12 @@ class _PGState(NamedTuple):
 
 
 def solve_proximal_gradient(
-    settings: _L1Settings, dictionary: Dictionary, x: jax.Array, *, accelerated: bool
+    settings: _L1Settings,
+    dictionary: Dictionary,
+    x: jax.Array,
+    correlations: jax.Array | None = None,
+    *,
+    accelerated: bool,
 ) -> ChunkSolution:
     """ISTA or restarted FISTA on a chunk `x` of shape (batch, d_model).
 
@@ -179,7 +188,7 @@ def solve_proximal_gradient(
     step = 1.0 / (dictionary.lipschitz * STEP_MARGIN)
     x_norm = jnp.linalg.norm(x, axis=1)
     x_sq = x_norm * x_norm
-    alpha0 = x @ atoms.T  # (batch, n_features)
+    alpha0 = x @ atoms.T if correlations is None else correlations  # (batch, n_features)
 
     def correlations(codes):
         """``D (x - codes @ D)`` of shape (batch, n_features)."""
@@ -273,7 +282,9 @@ class _Inner(NamedTuple):
     running: jax.Array  # (batch,) bool
 
 
-def solve_lasso(settings: Lasso, dictionary: Dictionary, x: jax.Array) -> ChunkSolution:
+def solve_lasso(
+    settings: Lasso, dictionary: Dictionary, x: jax.Array, correlations: jax.Array | None = None
+) -> ChunkSolution:
     """The working-set LASSO on a chunk `x` of shape (batch, d_model).
 
     Indices and values come back of shape (batch, max_nonzero).
@@ -289,7 +300,7 @@ def solve_lasso(settings: Lasso, dictionary: Dictionary, x: jax.Array) -> ChunkS
     max_iter = settings.max_iter
     x_norm = jnp.linalg.norm(x, axis=1)
     x_sq = x_norm * x_norm
-    alpha0 = x @ atoms.T  # (batch, n_features)
+    alpha0 = x @ atoms.T if correlations is None else correlations  # (batch, n_features)
     lipschitz = dictionary.lipschitz * STEP_MARGIN
 
     def check(codes, residual, n_iter, *, full, last_tier, previous_done):

@@ -203,6 +203,23 @@ def test_lasso_fails_above_phase_transition():
     assert np.mean(beats_truth & wrong) >= 0.75
 
 
+def test_lasso_grows_its_working_set_for_large_supports():
+    # About d_model non-zeros: more than the first working set (128) holds, so the rows move
+    # on to a working set of 2 * max_nonzero = 256 features; the answer must not change.
+    dictionary, _, activations = sparse_problem(
+        PT_FEATURES, PT_MODEL, PT_BATCH, 40, noise=0.05, seed=5
+    )
+    alpha = 0.01
+    result = solvers.unfold(activations, dictionary, method="lasso", alpha=alpha, dtype="float64")
+    np.testing.assert_array_equal(result.status, Status.CONVERGED)
+    assert np.all(result.l0 > 7 / 8 * 128)
+    ours = objective(result.to_dense(), activations, dictionary, alpha)
+    theirs = objective(
+        sklearn_lasso(dictionary, activations, alpha, False), activations, dictionary, alpha
+    )
+    assert np.all(np.abs(ours - theirs) <= 1e-6 * theirs)
+
+
 def test_lasso_noisy_recovery_within_noise_level():
     # alpha = ALPHA is about 4 times the noise's largest correlation with an atom
     # (noise * sqrt(2 log n_features)).
