@@ -365,15 +365,16 @@ def solve_lasso(
 
     def run_tier(width: int, last_tier: bool, start: _Outer) -> _Outer:
         use_gram = dictionary.gram is not None
-        # Without a Gram matrix, a w x w block costs w^2 d_model to build per refresh, against
-        # 2 w d_model - w^2 saved per FISTA step: built for small w; otherwise products go
-        # through the w atoms.
+        # Without a Gram matrix, the w x w block is built from the w atoms for a small working
+        # set. A large one (rare: supports of hundreds of features) would need w x d_model
+        # gathered atoms per row, too much memory for the big dictionaries this path is for;
+        # its products go through the whole dictionary instead (memory O(batch n_features)).
         block_free = not use_gram and width > MAX_BUILT_BLOCK
 
         def apply_gram(c, block):
-            if block_free:
-                # block holds the working set's atoms (batch, w, d_model)
-                return jnp.einsum("bd,bwd->bw", jnp.einsum("bw,bwd->bd", c, block), block)
+            if block_free:  # block holds the working set's indices (batch, w)
+                dense = jnp.zeros((batch, n_features), dtype).at[rows, block].set(c)
+                return jnp.take_along_axis((dense @ atoms) @ atoms.T, block, axis=1)
             return jnp.einsum("bw,bwv->bv", c, block)
 
         def body(s: _Outer) -> _Outer:
@@ -388,7 +389,7 @@ def solve_lasso(
                 bound = jnp.max(jnp.sum(jnp.abs(block), axis=2), axis=1)
                 step = 1.0 / jnp.minimum(bound * STEP_MARGIN, lipschitz)
             elif block_free:
-                block = atoms[working_set]  # (batch, w, d_model)
+                block = working_set
                 step = jnp.full((batch,), 1.0 / lipschitz, dtype)
             else:
                 sub = atoms[working_set]
@@ -418,8 +419,10 @@ def solve_lasso(
             nonzero = jnp.sum(codes_w != 0, axis=1)
             crowded = active & (nonzero > width - max(1, width // 8)) & (width < n_features)
             full = crowded & s.crowded  # early iterates may be dense: only a lasting excess
-            sub = block if block_free else atoms[working_set]  # (batch, w, d_model)
-            residual = x - jnp.einsum("bw,bwd->bd", codes_w, sub)
+            if block_free:
+                residual = x - codes @ atoms
+            else:  # (batch, w, d_model) atoms: cheaper than a product with the dictionary
+                residual = x - jnp.einsum("bw,bwd->bd", codes_w, atoms[working_set])
             corr, scale, gap, primal, met, done = check(
                 codes, residual, n_iter, full=full, last_tier=last_tier, previous_done=s.done
             )

@@ -203,14 +203,17 @@ def test_lasso_fails_above_phase_transition():
     assert np.mean(beats_truth & wrong) >= 0.75
 
 
-def test_lasso_grows_its_working_set_for_large_supports():
+@pytest.mark.parametrize("gram", [True, False], ids=["gram", "matrix-free"])
+def test_lasso_grows_its_working_set_for_large_supports(gram):
     # About d_model non-zeros: more than the first working set (128) holds, so the rows move
-    # on to a working set of 2 * max_nonzero = 256 features; the answer must not change.
+    # on to a working set of 2 * max_nonzero = 256 features (matrix-free: with products
+    # through the whole dictionary); the answer must not change.
     dictionary, _, activations = sparse_problem(
         PT_FEATURES, PT_MODEL, PT_BATCH, 40, noise=0.05, seed=5
     )
     alpha = 0.01
-    result = solvers.unfold(activations, dictionary, method="lasso", alpha=alpha, dtype="float64")
+    prepared = solvers.prepare(dictionary, dtype="float64", gram=gram)
+    result = solvers.unfold(activations, prepared, method="lasso", alpha=alpha, dtype="float64")
     np.testing.assert_array_equal(result.status, Status.CONVERGED)
     assert np.all(result.l0 > 7 / 8 * 128)
     ours = objective(result.to_dense(), activations, dictionary, alpha)
