@@ -23,9 +23,12 @@ batch 256) in a subprocess, with its peak memory (VmHWM).
     python bench/solvers.py --quick     # small smoke run
 
 Unfold runs one chunk sequence per core (see `solvers._api.default_streams`); peers get their
-best thread count. The machine may be shared: read the ratios, measured in one run. On hosts
-that set OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE, run with them unset for the numpy/SPAMS peers:
-``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/solvers.py``.
+best thread count. SPAMS runs in subprocesses without the host's OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE, under the OpenBLAS kernel it is fastest with: the OpenBLAS bundled with
+spams-bin does not recognise recent CPUs (Zen 4 falls back to the generic "Prescott" kernel,
+2.5x slower), so the benchmark times a sample under each of `SPAMS_CORETYPES` first and keeps
+the best (``--no-spams-coretypes`` to skip). The machine may be shared: read the ratios,
+measured in one run.
 """
 
 from __future__ import annotations
@@ -122,41 +125,133 @@ def print_table(rows: list[dict], peers: list[str]) -> None:
 # ------------------------------------------------------------------------------------- peers
 
 
-def spams_omp(spams, dictionary, x, k, threads):
-    d_f = np.asfortranarray(dictionary.T, dtype=np.float64)
-    x_f = np.asfortranarray(x.T, dtype=np.float64)
-    codes = spams.omp(x_f, d_f, L=k, numThreads=threads)
-    return np.asarray(codes.toarray().T, np.float32)
+SPAMS_CORETYPES = ("", "Haswell", "SkylakeX", "Zen")
+"""OpenBLAS kernels to try for SPAMS: its bundled OpenBLAS (0.3.15) may not know a recent CPU
+and fall back to a slow generic kernel ("Prescott" on Zen 4); "" is its own detection."""
 
 
-def spams_lasso(spams, dictionary, x, alpha, threads, gram=None):
+def spams_worker(path: str) -> None:
+    """Run one SPAMS task described by the .npz at `path` (in a process whose environment
+    chose the OpenBLAS kernel) and print one JSON line."""
+    import spams
+
+    data = np.load(path)
+    task, threads_list, repeats = str(data["task"]), data["threads"].tolist(), int(data["repeats"])
+    dictionary, x, codes = data["dictionary"], data["x"], data["codes"]
     d_f = np.asfortranarray(dictionary.T, dtype=np.float64)
     x_f = np.asfortranarray(x.T, dtype=np.float64)
-    kwargs = {} if gram is None else {"Q": gram, "q": np.asfortranarray(d_f.T @ x_f)}
-    codes = spams.lasso(x_f, D=d_f, lambda1=alpha, mode=2, pos=True, numThreads=threads, **kwargs)
-    return np.asarray(codes.toarray().T, np.float32)
+    if task == "omp":
+        k = int(data["k"])
+        # SPAMS builds its Gram matrix inside every call: a one-row call measures that set-up.
+        setup, _ = timed(lambda: spams.omp(x_f[:, :1].copy(order="F"), d_f, L=k, numThreads=2), 1)
+
+        def run(threads):
+            return spams.omp(x_f, d_f, L=k, numThreads=threads)
+    else:
+        alpha = float(data["alpha"])
+        started = time.perf_counter()
+        gram = np.asfortranarray(d_f.T @ d_f)
+        setup = time.perf_counter() - started
+
+        def run(threads):
+            q = np.asfortranarray(d_f.T @ x_f)
+            return spams.lasso(
+                x_f, Q=gram, q=q, lambda1=alpha, mode=2, pos=True, numThreads=threads
+            )
+
+    best = None
+    for threads in threads_list:
+        seconds, out = timed(lambda t=threads: run(t), repeats)
+        if best is None or seconds < best[0]:
+            best = (seconds, out, threads)
+    seconds, out, threads = best
+    out = np.asarray(out.toarray().T, np.float32)
+    result = dict(
+        time=seconds,
+        threads=threads,
+        setup=setup,
+        rows=len(x),
+        rel_err=relative_error(out, dictionary, x),
+        f1=support_f1(out, codes),
+    )
+    if task == "lasso":
+        result["objective"] = lasso_objective(out, dictionary, x, float(data["alpha"])).tolist()
+    print(json.dumps(result))
+
+
+def run_spams(task: str, dictionary, x, codes, args, coretype: str, **params):
+    """Run `spams_worker` in a subprocess with OPENBLAS_CORETYPE=`coretype` ("" unset)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "task.npz")
+        np.savez(
+            path,
+            task=task,
+            dictionary=dictionary,
+            x=x,
+            codes=codes,
+            threads=np.array(args.threads),
+            repeats=args.repeats,
+            **params,
+        )
+        env = dict(os.environ)
+        env.pop("OPENBLAS_CORETYPE", None)
+        env.pop("OPENBLAS_L2_SIZE", None)
+        if coretype:
+            env["OPENBLAS_CORETYPE"] = coretype
+        done = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--spams-worker", path],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+    if done.returncode != 0:
+        print(f"SPAMS {task} failed: {done.stderr[-2000:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def best_spams_coretype(dictionary, x, codes, k, args) -> str:
+    """The OpenBLAS kernel under which SPAMS OMP is fastest on a sample of rows."""
+    sample = argparse.Namespace(threads=[2], repeats=1)
+    times = {}
+    for coretype in SPAMS_CORETYPES:
+        r = run_spams("omp", dictionary, x[:256], codes[:256], sample, coretype, k=k)
+        if r is not None:
+            times[coretype] = r["time"] - r["setup"]
+    if not times:
+        return ""
+    print(
+        "SPAMS OMP on 256 rows by OPENBLAS_CORETYPE: "
+        + ", ".join(f"{c or 'auto'} {t:.2f} s" for c, t in times.items())
+    )
+    return min(times, key=times.get)
 
 
 def run_peers_omp(dictionary, codes, x, k, args, rows_out):
     try:
-        import spams
+        import spams  # noqa: F401
     except ImportError:
         print("SPAMS not installed (pip install spams-bin): skipped")
-        spams = None
-    if spams is not None:
-        # set-up: SPAMS builds its Gram matrix inside every call; a one-row call measures it.
-        setup, _ = timed(lambda: spams_omp(spams, dictionary, x[:1], k, 2), 1)
-        best = None
-        for threads in args.threads:
-            seconds, out = timed(lambda t=threads: spams_omp(spams, dictionary, x, k, t), args.repeats)
-            if best is None or seconds < best[0]:
-                best = (seconds, out, threads)
-        seconds, out, threads = best
-        rows_out.append(
-            dict(method="omp", impl=f"SPAMS omp float64 ({threads} thr, incl. set-up)",
-                 peer="SPAMS", setup=setup, rows=len(x), time=seconds,
-                 rel_err=relative_error(out, dictionary, x), f1=support_f1(out, codes))
-        )
+        args.spams_coretype = None
+    if args.spams_coretype is not None:
+        r = run_spams("omp", dictionary, x, codes, args, args.spams_coretype, k=k)
+        if r is not None:
+            label = f"SPAMS omp f64 ({r['threads']} thr, {args.spams_coretype or 'auto'})"
+            rows_out.append(
+                dict(
+                    method="omp",
+                    impl=label,
+                    peer="SPAMS",
+                    setup=r["setup"],
+                    rows=r["rows"],
+                    time=r["time"],
+                    rel_err=r["rel_err"],
+                    f1=r["f1"],
+                )
+            )
     from sklearn.decomposition import sparse_encode
 
     n = min(args.sklearn_rows, len(x))
@@ -165,42 +260,45 @@ def run_peers_omp(dictionary, codes, x, k, args, rows_out):
     gram = d64 @ d64.T
     setup = time.perf_counter() - started
     seconds, out = timed(
-        lambda: sparse_encode(x[:n].astype(np.float64), d64, algorithm="omp", n_nonzero_coefs=k,
-                              gram=gram),
+        lambda: sparse_encode(
+            x[:n].astype(np.float64), d64, algorithm="omp", n_nonzero_coefs=k, gram=gram
+        ),
         1,
     )
     rows_out.append(
-        dict(method="omp", impl="scikit-learn sparse_encode omp", peer="sklearn", setup=setup,
-             rows=n, time=seconds, rel_err=relative_error(out, dictionary, x[:n]),
-             f1=support_f1(out, codes[:n]))
+        dict(
+            method="omp",
+            impl="scikit-learn sparse_encode omp",
+            peer="sklearn",
+            setup=setup,
+            rows=n,
+            time=seconds,
+            rel_err=relative_error(out, dictionary, x[:n]),
+            f1=support_f1(out, codes[:n]),
+        )
     )
 
 
 def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
-    try:
-        import spams
-    except ImportError:
-        spams = None
     spams_objective = None
-    if spams is not None:
-        d_f = np.asfortranarray(dictionary.T, dtype=np.float64)
-        started = time.perf_counter()
-        gram = np.asfortranarray(d_f.T @ d_f)
-        setup = time.perf_counter() - started
-        best = None
-        for threads in args.threads:
-            seconds, out = timed(
-                lambda t=threads: spams_lasso(spams, dictionary, x, alpha, t, gram), args.repeats
+    if args.spams_coretype is not None:
+        r = run_spams("lasso", dictionary, x, codes, args, args.spams_coretype, alpha=alpha)
+        if r is not None:
+            spams_objective = np.array(r["objective"])
+            label = f"SPAMS lasso LARS f64 ({r['threads']} thr, {args.spams_coretype or 'auto'})"
+            rows_out.append(
+                dict(
+                    method="nn-lasso",
+                    impl=label,
+                    peer="SPAMS",
+                    setup=r["setup"],
+                    rows=r["rows"],
+                    time=r["time"],
+                    rel_err=r["rel_err"],
+                    f1=r["f1"],
+                    obj="0",
+                )
             )
-            if best is None or seconds < best[0]:
-                best = (seconds, out, threads)
-        seconds, out, threads = best
-        spams_objective = lasso_objective(out, dictionary, x, alpha)
-        rows_out.append(
-            dict(method="nn-lasso", impl=f"SPAMS lasso LARS float64 ({threads} thr)", peer="SPAMS",
-                 setup=setup, rows=len(x), time=seconds,
-                 rel_err=relative_error(out, dictionary, x), f1=support_f1(out, codes), obj="0")
-        )
     from sklearn.decomposition import sparse_encode
 
     n = min(args.sklearn_lasso_rows, len(x))
@@ -209,8 +307,14 @@ def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
     gram = d64 @ d64.T
     setup = time.perf_counter() - started
     seconds, out = timed(
-        lambda: sparse_encode(x[:n].astype(np.float64), d64, algorithm="lasso_lars", alpha=alpha,
-                              positive=True, gram=gram),
+        lambda: sparse_encode(
+            x[:n].astype(np.float64),
+            d64,
+            algorithm="lasso_lars",
+            alpha=alpha,
+            positive=True,
+            gram=gram,
+        ),
         1,
     )
     obj = ""
@@ -218,9 +322,17 @@ def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
         mine = lasso_objective(out, dictionary, x[:n], alpha)
         obj = f"{np.mean((mine - spams_objective[:n]) / spams_objective[:n]):+.2e}"
     rows_out.append(
-        dict(method="nn-lasso", impl="scikit-learn sparse_encode lasso_lars", peer="sklearn",
-             setup=setup, rows=n, time=seconds, rel_err=relative_error(out, dictionary, x[:n]),
-             f1=support_f1(out, codes[:n]), obj=obj)
+        dict(
+            method="nn-lasso",
+            impl="scikit-learn sparse_encode lasso_lars",
+            peer="sklearn",
+            setup=setup,
+            rows=n,
+            time=seconds,
+            rel_err=relative_error(out, dictionary, x[:n]),
+            f1=support_f1(out, codes[:n]),
+            obj=obj,
+        )
     )
     return spams_objective
 
@@ -230,8 +342,10 @@ def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
 
 def run_p1(args) -> None:
     n_features, d_model, batch, k = args.n_features, args.d_model, args.batch, args.k
-    print(f"P1: n_features={n_features} d_model={d_model} batch={batch} k={k} noise=0.01, "
-          f"Unfold in float32 on {len(os.sched_getaffinity(0))} cores")
+    print(
+        f"P1: n_features={n_features} d_model={d_model} batch={batch} k={k} noise=0.01, "
+        f"Unfold in float32 on {len(os.sched_getaffinity(0))} cores"
+    )
     dictionary, codes, x = make_problem(n_features, d_model, batch, k, seed=0)
     rows: list[dict] = []
 
@@ -244,18 +358,32 @@ def run_p1(args) -> None:
     first = time.perf_counter() - started
     seconds, result = timed(lambda: solvers.unfold(x, prepared, method="omp", k=k), args.repeats)
     dense = result.to_dense()
-    rows.append(dict(method="omp", impl="Unfold omp float32 (Gram path)", setup=setup,
-                     rows=batch, time=seconds, rel_err=relative_error(dense, dictionary, x),
-                     f1=support_f1(dense, codes)))
-    compile_notes = [f"omp k={k}, first call on {batch} rows: {first:.1f} s "
-                     f"(of which compile about {first - seconds:.1f} s)"]
+    rows.append(
+        dict(
+            method="omp",
+            impl="Unfold omp float32 (Gram path)",
+            setup=setup,
+            rows=batch,
+            time=seconds,
+            rel_err=relative_error(dense, dictionary, x),
+            f1=support_f1(dense, codes),
+        )
+    )
+    compile_notes = [
+        f"omp k={k}, first call on {batch} rows: {first:.1f} s "
+        f"(of which compile about {first - seconds:.1f} s)"
+    ]
+    args.spams_coretype = ""
+    if args.spams_coretypes:
+        args.spams_coretype = best_spams_coretype(dictionary, x, codes, k, args)
     run_peers_omp(dictionary, codes, x, k, args, rows)
 
     if "lasso" in solvers.METHODS and not args.no_lasso:
         alpha = 0.05
         # Same dictionary (same seed), non-negative codes.
         pos_dictionary, pos_codes, pos_x = make_problem(
-            n_features, d_model, batch, k, seed=0, positive=True)
+            n_features, d_model, batch, k, seed=0, positive=True
+        )
         lasso_batch = min(batch, args.lasso_batch)
         pos_codes, pos_x = pos_codes[:lasso_batch], pos_x[:lasso_batch]
         started = time.perf_counter()
@@ -272,13 +400,23 @@ def run_p1(args) -> None:
         obj = ""
         if spams_objective is not None:
             obj = f"{np.mean((unfold_objective - spams_objective) / spams_objective):+.2e}"
-        rows.append(dict(method="nn-lasso", impl="Unfold lasso float32 (positive)", setup=setup,
-                         rows=lasso_batch, time=seconds,
-                         rel_err=relative_error(dense, pos_dictionary, pos_x),
-                         f1=support_f1(dense, pos_codes), obj=obj))
+        rows.append(
+            dict(
+                method="nn-lasso",
+                impl="Unfold lasso float32 (positive)",
+                setup=setup,
+                rows=lasso_batch,
+                time=seconds,
+                rel_err=relative_error(dense, pos_dictionary, pos_x),
+                f1=support_f1(dense, pos_codes),
+                obj=obj,
+            )
+        )
         rows.extend(lasso_rows)
-        compile_notes.append(f"lasso, first call on {lasso_batch} rows: {first:.1f} s "
-                             f"(of which compile about {first - seconds:.1f} s)")
+        compile_notes.append(
+            f"lasso, first call on {lasso_batch} rows: {first:.1f} s "
+            f"(of which compile about {first - seconds:.1f} s)"
+        )
 
     print()
     print_table(rows, ["SPAMS", "sklearn"])
@@ -291,9 +429,13 @@ def run_p1(args) -> None:
         started = time.perf_counter()
         solvers.unfold(new_x, prepared, method="omp", k=new_k)
         first = time.perf_counter() - started
-        again, _ = timed(lambda nk=new_k, nx=new_x: solvers.unfold(nx, prepared, method="omp", k=nk), 1)
-        print(f"  omp k={new_k} on a new shape of {new_rows} rows: {first:.1f} s "
-              f"(then {again:.2f} s per call)")
+        again, _ = timed(
+            lambda nk=new_k, nx=new_x: solvers.unfold(nx, prepared, method="omp", k=nk), 1
+        )
+        print(
+            f"  omp k={new_k} on a new shape of {new_rows} rows: {first:.1f} s "
+            f"(then {again:.2f} s per call)"
+        )
 
 
 def p2_worker(args) -> None:
@@ -312,28 +454,50 @@ def p2_worker(args) -> None:
     seconds, result = timed(lambda: solvers.unfold(x, prepared, method="omp", k=k), args.repeats)
     dense = result.to_dense()
     atoms = np.asarray(prepared.atoms)
-    out = dict(rows=batch, time=seconds, setup=setup, first=first,
-               rel_err=relative_error(dense, atoms, x), f1=support_f1(dense, codes),
-               peak=peak_memory_bytes(), problem_bytes=base)
+    out = dict(
+        rows=batch,
+        time=seconds,
+        setup=setup,
+        first=first,
+        rel_err=relative_error(dense, atoms, x),
+        f1=support_f1(dense, codes),
+        peak=peak_memory_bytes(),
+        problem_bytes=base,
+    )
     if args.p2_sklearn_rows:
         from sklearn.linear_model import orthogonal_mp
 
         n = args.p2_sklearn_rows
         d64 = atoms.astype(np.float64)
         sk_seconds, sk = timed(
-            lambda: orthogonal_mp(d64.T, x[:n].T.astype(np.float64), n_nonzero_coefs=k,
-                                  precompute=False).T,
+            lambda: (
+                orthogonal_mp(
+                    d64.T, x[:n].T.astype(np.float64), n_nonzero_coefs=k, precompute=False
+                ).T
+            ),
             1,
         )
-        out.update(sk_rows=n, sk_time=sk_seconds, sk_rel_err=relative_error(sk, atoms, x[:n]),
-                   sk_f1=support_f1(sk, codes[:n]))
+        out.update(
+            sk_rows=n,
+            sk_time=sk_seconds,
+            sk_rel_err=relative_error(sk, atoms, x[:n]),
+            sk_f1=support_f1(sk, codes[:n]),
+        )
     print(json.dumps(out))
 
 
 def run_p2(args) -> None:
-    command = [sys.executable, os.path.abspath(__file__), "--p2-worker", "--repeats",
-               str(args.repeats), "--p2-batch", str(args.p2_batch), "--p2-sklearn-rows",
-               str(args.p2_sklearn_rows)] + (["--quick"] if args.quick else [])
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--p2-worker",
+        "--repeats",
+        str(args.repeats),
+        "--p2-batch",
+        str(args.p2_batch),
+        "--p2-sklearn-rows",
+        str(args.p2_sklearn_rows),
+    ] + (["--quick"] if args.quick else [])
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print("P2 failed:\n" + done.stderr[-3000:])
@@ -341,20 +505,30 @@ def run_p2(args) -> None:
     r = json.loads(done.stdout.strip().splitlines()[-1])
     print()
     n_features, d_model, _, k = args.p2_shape
-    print(f"P2 (matrix-free): n_features={n_features} d_model={d_model} k={k} "
-          f"batch={r['rows']} float32")
-    print(f"  Unfold omp: {r['time']:.2f} s, {r['rows'] / r['time']:.1f} rows/s, "
-          f"rel.err {r['rel_err']:.4f}, F1 {r['f1']:.4f}; prepare {r['setup']:.1f} s, "
-          f"first call (compile) {r['first']:.1f} s")
-    print(f"  peak memory of the process (VmHWM): {r['peak'] / 2**30:.2f} GiB "
-          f"(of which the problem's own arrays before solving {r['problem_bytes'] / 2**30:.2f} GiB)")
+    print(
+        f"P2 (matrix-free): n_features={n_features} d_model={d_model} k={k} "
+        f"batch={r['rows']} float32"
+    )
+    print(
+        f"  Unfold omp: {r['time']:.2f} s, {r['rows'] / r['time']:.1f} rows/s, "
+        f"rel.err {r['rel_err']:.4f}, F1 {r['f1']:.4f}; prepare {r['setup']:.1f} s, "
+        f"first call (compile) {r['first']:.1f} s"
+    )
+    print(
+        f"  peak memory of the process (VmHWM): {r['peak'] / 2**30:.2f} GiB "
+        f"(the problem's own arrays before solving: {r['problem_bytes'] / 2**30:.2f} GiB)"
+    )
     if "sk_rows" in r:
         rate = r["sk_rows"] / r["sk_time"]
-        print(f"  scikit-learn orthogonal_mp (precompute=False, float64) on {r['sk_rows']} rows: "
-              f"{rate:.2f} rows/s, rel.err {r['sk_rel_err']:.4f}, F1 {r['sk_f1']:.4f}; "
-              f"Unfold x{(r['rows'] / r['time']) / rate:.1f}")
-    print(f"  SPAMS omp builds the {n_features}^2 float64 Gram matrix "
-          f"({n_features**2 * 8 / 1e9:.0f} GB at full size): not run.")
+        print(
+            f"  scikit-learn orthogonal_mp (precompute=False, float64) on {r['sk_rows']} rows: "
+            f"{rate:.2f} rows/s, rel.err {r['sk_rel_err']:.4f}, F1 {r['sk_f1']:.4f}; "
+            f"Unfold x{(r['rows'] / r['time']) / rate:.1f}"
+        )
+    print(
+        f"  SPAMS omp builds the {n_features}^2 float64 Gram matrix "
+        f"({n_features**2 * 8 / 1e9:.0f} GB at full size): not run."
+    )
 
 
 def main() -> None:
@@ -370,7 +544,14 @@ def main() -> None:
     parser.add_argument("--lasso-batch", type=int, default=4096)
     parser.add_argument("--p2-batch", type=int, default=256)
     parser.add_argument("--p2-sklearn-rows", type=int, default=4)
+    parser.add_argument(
+        "--no-spams-coretypes",
+        dest="spams_coretypes",
+        action="store_false",
+        help="let SPAMS's OpenBLAS detect the CPU instead of trying kernels",
+    )
     parser.add_argument("--p2-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--spams-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.n_features, args.d_model, args.k = 8192, 512, 32
     args.compile_shapes = [(32, 100), (64, 100)]
@@ -383,6 +564,9 @@ def main() -> None:
         args.compile_shapes = [(16, 100)]
         args.p2_batch, args.p2_sklearn_rows = min(args.p2_batch, 32), 1
         args.p2_shape = (16384, 768, args.p2_batch, 32)
+    if args.spams_worker:
+        spams_worker(args.spams_worker)
+        return
     if args.p2_worker:
         p2_worker(args)
         return

@@ -107,7 +107,8 @@ def unfold(
             settings, dictionary, x, chunk_rows=chunk_rows, block_rows=block_rows, streams=streams
         )
     if single:
-        return result._replace(**{f: v[0] for f, v in result._asdict().items() if f != "n_features"})
+        fields = result._asdict().items()
+        return result._replace(**{f: v[0] for f, v in fields if f != "n_features"})
     return result
 
 
@@ -154,7 +155,8 @@ def solve(
         out = _solve_block(settings, dictionary, jnp.asarray(padded), chunk, n_streams)
         parts.append((out, block.shape[0]))  # dispatched asynchronously; gathered below
     fields = [
-        np.concatenate([np.asarray(out[i])[:n] for out, n in parts]) for i in range(len(parts[0][0]))
+        np.concatenate([np.asarray(out[i])[:n] for out, n in parts])
+        for i in range(len(parts[0][0]))
     ]
     return UnfoldResult(*fields, n_features=dictionary.n_features)
 
@@ -169,7 +171,9 @@ def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int
     """
     centred = x - dictionary.bias
     d_model = centred.shape[1]
-    with_correlations = getattr(settings, "uses_correlations", False) and dictionary.gram is not None
+    with_correlations = dictionary.gram is not None and getattr(
+        settings, "uses_correlations", False
+    )
 
     def solve_chunk(args):
         chunk, correlations = args
@@ -177,11 +181,14 @@ def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int
             sol: ChunkSolution = settings.solve(dictionary, chunk, correlations=correlations)
         else:
             sol = settings.solve(dictionary, chunk)
-        return (*sol[:2], *diagnostics(dictionary, chunk, sol), sol.n_iter, sol.status, sol.duality_gap)
+        checks = diagnostics(dictionary, chunk, sol)
+        return (*sol[:2], *checks, sol.n_iter, sol.status, sol.duality_gap)
 
     chunks = centred.reshape(streams, -1, chunk_rows, d_model)
     if with_correlations:
-        correlations = (centred @ dictionary.atoms.T).reshape(streams, -1, chunk_rows, dictionary.n_features)
+        correlations = (centred @ dictionary.atoms.T).reshape(
+            streams, -1, chunk_rows, dictionary.n_features
+        )
     else:
         correlations = jnp.zeros((streams, chunks.shape[1], 0), centred.dtype)
     outs = [jax.lax.map(solve_chunk, (chunks[i], correlations[i])) for i in range(streams)]

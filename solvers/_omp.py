@@ -126,7 +126,9 @@ def select(correlations: jax.Array, inv_norms: jax.Array | None, positive: bool)
     if width == 0:
         score = scores(correlations, inv_norms)
         best = jnp.max(score, axis=1)
-        index = jnp.min(jnp.where(score == best[:, None], jnp.arange(n, dtype=jnp.int32), n), axis=1)
+        index = jnp.min(
+            jnp.where(score == best[:, None], jnp.arange(n, dtype=jnp.int32), n), axis=1
+        )
         return jnp.minimum(index, n - 1), best
     n_blocks = n // width
     blocks = correlations.reshape(batch, n_blocks, width)
@@ -151,7 +153,9 @@ def select(correlations: jax.Array, inv_norms: jax.Array | None, positive: bool)
 
 class OMPState(NamedTuple):
     correlations: jax.Array  # (batch, n_features): D r, r the current residual
-    stored: jax.Array  # [D x; G[S]] (batch, 1 + segments so far, n_features), or atoms (batch, k, d_model)
+    stored: (
+        jax.Array
+    )  # [D x; G[S]] (batch, 1 + segments so far, n_features), or atoms (batch, k, d_model)
     inv_chol: jax.Array  # (batch, k, k) Linv, lower-triangular, rows of unused slots zero
     projections: jax.Array  # (batch, k) z_i = <q_i, x>
     indices: jax.Array  # (batch, k) selected atoms, -1 when none
@@ -159,7 +163,9 @@ class OMPState(NamedTuple):
     stop: jax.Array  # (batch,) int32 Status + 1 once a row has stopped, 0 while running
 
 
-def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.Array) -> ChunkSolution:
+def solve_omp(
+    settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.Array
+) -> ChunkSolution:
     """OMP on a chunk of centred activations `x` of shape (batch, d_model), with
     ``alpha0 = x @ atoms.T`` of shape (batch, n_features).
 
@@ -193,7 +199,9 @@ def solve_omp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.A
             if use_gram:
                 new = dictionary.gram[j] * (scale * inv_norms)  # (batch, n_features), unit atoms
                 against = jnp.take_along_axis(new, safe, axis=1)  # G[S, j]
-                stored = jax.lax.dynamic_update_slice_in_dim(s.stored, new[:, None, :], 1 + t, axis=1)
+                stored = jax.lax.dynamic_update_slice_in_dim(
+                    s.stored, new[:, None, :], 1 + t, axis=1
+                )
             else:
                 new = dictionary.atoms[j] * scale  # (batch, d_model), unit norm
                 against = jnp.einsum("bkm,bm->bk", s.stored, new)
@@ -300,7 +308,9 @@ def _masked_solve(gram: jax.Array, rhs: jax.Array, mask: jax.Array) -> jax.Array
     eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
     system = jnp.where(both, gram, eye)  # identity on the unused slots: s = 0 there
     factor = jnp.linalg.cholesky(system)
-    solution = jax.scipy.linalg.cho_solve((factor, True), jnp.where(mask, rhs, 0.0)[..., None])[..., 0]
+    solution = jax.scipy.linalg.cho_solve((factor, True), jnp.where(mask, rhs, 0.0)[..., None])[
+        ..., 0
+    ]
     return jnp.where(mask, solution, 0.0)
 
 
@@ -340,7 +350,9 @@ def _nnls_on_support(gram, targets, coef, active):
     return coef, active
 
 
-def solve_nnomp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.Array) -> ChunkSolution:
+def solve_nnomp(
+    settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.Array
+) -> ChunkSolution:
     """Non-negative OMP on a chunk of centred activations `x` of shape (batch, d_model), with
     ``alpha0 = x @ atoms.T`` of shape (batch, n_features); see the module docstring.
 
@@ -401,8 +413,10 @@ def solve_nnomp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax
         else:
             correlations = (x - jnp.einsum("bk,bkm->bm", coef, stored)) @ dictionary.atoms.T
         # ||x - coef D_S||^2 = ||x||^2 - 2 coef.targets + coef^T G_SS coef
-        residual_sq = x_sq - 2 * jnp.sum(coef * targets, axis=1) + jnp.einsum(
-            "bi,bij,bj->b", coef, gram, coef
+        residual_sq = (
+            x_sq
+            - 2 * jnp.sum(coef * targets, axis=1)
+            + jnp.einsum("bi,bij,bj->b", coef, gram, coef)
         )
         full = jnp.sum(active, axis=1) >= k
         old_residual_sq = x_sq - jnp.sum(s.coef * s.targets, axis=1)  # at a LS solution
@@ -417,9 +431,7 @@ def solve_nnomp(settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax
             jnp.where(
                 ok & (residual_sq <= exact_sq),
                 Status.EXACT + 1,
-                jnp.where(
-                    ok & (full | (residual_sq <= tol_sq)), Status.CONVERGED + 1, s.stop
-                ),
+                jnp.where(ok & (full | (residual_sq <= tol_sq)), Status.CONVERGED + 1, s.stop),
             ),
         )
         return NNOMPState(

@@ -117,7 +117,12 @@ def test_execution_settings_do_not_change_results():
     reference = solvers.unfold(activations, prepared, k=6, chunk_rows=8, streams=1)
     for chunk_rows, streams, block_rows in [(4, 2, 1024), (8, 4, 16), (16, 2, 1024)]:
         other = solvers.unfold(
-            activations, prepared, k=6, chunk_rows=chunk_rows, streams=streams, block_rows=block_rows
+            activations,
+            prepared,
+            k=6,
+            chunk_rows=chunk_rows,
+            streams=streams,
+            block_rows=block_rows,
         )
         np.testing.assert_array_equal(other.indices, reference.indices)
         np.testing.assert_allclose(other.values, reference.values, atol=1e-6)
@@ -125,7 +130,15 @@ def test_execution_settings_do_not_change_results():
 
 def test_padded_rows_buckets():
     assert [padded_rows(n, 8, 1024) for n in (1, 2, 3, 5, 8, 9, 17, 1000, 5000)] == [
-        1, 2, 4, 8, 8, 16, 32, 1024, 1024,
+        1,
+        2,
+        4,
+        8,
+        8,
+        16,
+        32,
+        1024,
+        1024,
     ]
 
 
@@ -135,7 +148,9 @@ def test_padded_rows_buckets():
 @pytest.mark.parametrize("gram", [True, False], ids=["gram", "matrix-free"])
 def test_nonnegative_exact_recovery(gram):
     dictionary, codes, activations = sparse_problem(1024, 128, 24, 10, seed=7, positive=True)
-    result = solvers.unfold(activations, solvers.prepare(dictionary, gram=gram), k=10, positive=True)
+    result = solvers.unfold(
+        activations, solvers.prepare(dictionary, gram=gram), k=10, positive=True
+    )
     np.testing.assert_allclose(result.to_dense(), codes, atol=1e-4)
     assert np.all(result.status == Status.EXACT)
 
@@ -147,7 +162,9 @@ def test_nonnegative_codes_solve_nnls_on_their_support(gram):
     rng = np.random.default_rng(8)
     dictionary = rng.standard_normal((60, 20)) + 1.5
     activations = rng.standard_normal((32, 20)) + 2.0
-    result = solvers.unfold(activations, solvers.prepare(dictionary, gram=gram), k=12, positive=True)
+    result = solvers.unfold(
+        activations, solvers.prepare(dictionary, gram=gram), k=12, positive=True
+    )
     assert np.all(result.values >= 0)
     assert np.any(result.n_iter > result.l0)  # some atoms were dropped on the way
     assert np.any(result.status == Status.NO_POSITIVE_CORRELATION)
