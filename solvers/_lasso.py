@@ -388,7 +388,10 @@ def solve_lasso(
 
         def body(s: _Outer) -> _Outer:
             signed = s.correlations if positive else jnp.abs(s.correlations)
-            priority = (alpha - s.scale[:, None] * signed) / dictionary.norms
+            if settings.alpha > 0:
+                priority = (alpha - s.scale[:, None] * signed) / dictionary.norms
+            else:  # no penalty, s = 0: rank by correlation alone
+                priority = -signed / dictionary.norms
             priority = jnp.where(s.codes != 0, -jnp.inf, priority)
             working_set = jax.lax.top_k(-priority, width)[1]  # (batch, w)
             codes_w = jnp.take_along_axis(s.codes, working_set, axis=1)
