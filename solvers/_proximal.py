@@ -92,17 +92,3 @@ def padded_from_dense(codes: jax.Array, width: int):
         jnp.where(nonzero, values, 0.0),
         overflow,
     )
-
-
-def padded_from_working_set(working_set: jax.Array, values: jax.Array, width: int):
-    """Codes `values` on features `working_set` (both (batch, w), w <= width) in padded form,
-    sorted by decreasing magnitude."""
-    order = jnp.argsort(-jnp.abs(values), axis=1)
-    values = jnp.take_along_axis(values, order, axis=1)
-    indices = jnp.where(values != 0, jnp.take_along_axis(working_set, order, axis=1), -1)
-    values = jnp.where(values != 0, values, 0.0)
-    pad = width - values.shape[1]
-    if pad:
-        indices = jnp.pad(indices, ((0, 0), (0, pad)), constant_values=-1)
-        values = jnp.pad(values, ((0, 0), (0, pad)))
-    return indices.astype(jnp.int32), values
