@@ -19,7 +19,7 @@ new shapes, and with ``--p2`` the matrix-free problem P2 (n_features=65536, d_mo
 batch 256) in a subprocess, with its peak memory (VmHWM).
 
     python bench/solvers.py             # P1 (a few minutes)
-    python bench/solvers.py --p2        # and P2
+    python bench/solvers.py --p2        # and P2 (--p2-only: P2 alone)
     python bench/solvers.py --quick     # small smoke run
 
 Unfold runs one chunk sequence per core (see `solvers._api.default_streams`); peers get their
@@ -537,6 +537,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small problem, one repeat")
     parser.add_argument("--p2", action="store_true", help="also the matrix-free problem P2")
+    parser.add_argument("--p2-only", action="store_true", help="only P2")
     parser.add_argument("--no-lasso", action="store_true")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sklearn-rows", type=int, default=64)
@@ -570,8 +571,9 @@ def main() -> None:
     if args.p2_worker:
         p2_worker(args)
         return
-    run_p1(args)
-    if args.p2:
+    if not args.p2_only:
+        run_p1(args)
+    if args.p2 or args.p2_only:
         run_p2(args)
 
 

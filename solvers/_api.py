@@ -26,6 +26,8 @@ CHUNK_BYTES = 64 << 20
 """Matrix-free path: chunks as large as keeps a (chunk, n_features) array under this size
 (every step multiplies the chunk by the whole dictionary: more rows use the product better)."""
 MAX_CHUNK_ROWS = 256
+MAX_STREAMS = 8
+"""Each stream is a copy of the solver's loop in the compiled program: bounded for compile time."""
 
 
 def default_chunk_rows(dictionary: Dictionary) -> int:
@@ -49,7 +51,7 @@ def default_streams(dictionary: Dictionary) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores)
+    return max(1, min(cores, MAX_STREAMS))
 
 
 def make_settings(method: str, dictionary: Dictionary, **params):
