@@ -163,10 +163,13 @@ def solve(
     return UnfoldResult(*fields, n_features=dictionary.n_features)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(jax.jit, static_argnums=(3, 4))
 def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int, streams: int):
     """Solve a block of activations (batch, d_model), batch % (chunk_rows * streams) == 0, as
     `streams` independent `lax.map`s over chunks (XLA runs independent loops concurrently).
+
+    `settings` is a pytree: its float fields (tol, alpha) are traced, the rest is static, so
+    one program serves every penalty and tolerance.
 
     A method whose settings have ``uses_correlations = True`` gets, on the Gram path,
     ``correlations=chunk @ atoms.T`` computed for the whole block in one product.

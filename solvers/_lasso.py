@@ -67,7 +67,8 @@ def _check_bool(name: str, value) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _L1Settings:
-    """Settings shared by the LASSO methods (hashable: jit treats them as static).
+    """Settings shared by the LASSO methods: hashable, and a pytree whose floats (`alpha`,
+    `tol`) are traced under jit (a new penalty compiles nothing new) while the rest is static.
 
     Attributes:
         alpha: the l1 penalty (>= 0), in the units of ``0.5 * ||x - codes @ D||^2``.
@@ -161,6 +162,12 @@ class Lasso(_L1Settings):
         """Solve a chunk of centred activations `x` of shape (batch, d_model); `correlations`,
         optional, is ``x @ dictionary.atoms.T`` of shape (batch, n_features)."""
         return solve_lasso(self, dictionary, x, correlations)
+
+
+for _settings in (ISTA, FISTA, Lasso):
+    jax.tree_util.register_dataclass(
+        _settings, data_fields=["alpha", "tol"], meta_fields=["max_iter", "positive", "max_nonzero"]
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,10 +395,11 @@ def solve_lasso(
 
         def body(s: _Outer) -> _Outer:
             signed = s.correlations if positive else jnp.abs(s.correlations)
-            if settings.alpha > 0:
-                priority = (alpha - s.scale[:, None] * signed) / dictionary.norms
-            else:  # no penalty, s = 0: rank by correlation alone
-                priority = -signed / dictionary.norms
+            priority = jnp.where(  # no penalty (s = 0): rank by correlation alone
+                alpha > 0,
+                (alpha - s.scale[:, None] * signed) / dictionary.norms,
+                -signed / dictionary.norms,
+            )
             priority = jnp.where(s.codes != 0, -jnp.inf, priority)
             working_set = jax.lax.top_k(-priority, width)[1]  # (batch, w)
             codes_w = jnp.take_along_axis(s.codes, working_set, axis=1)

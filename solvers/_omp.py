@@ -48,7 +48,8 @@ MAX_SEGMENTS = 8
 
 @dataclasses.dataclass(frozen=True)
 class OMP:
-    """Orthogonal Matching Pursuit settings (hashable: jit treats them as static).
+    """Orthogonal Matching Pursuit settings: hashable, and a pytree whose float `tol` is traced
+    under jit (a new tolerance compiles nothing new) while the rest is static.
 
     Attributes:
         k: at most this many atoms per row.
@@ -149,6 +150,9 @@ def select(correlations: jax.Array, inv_norms: jax.Array | None, positive: bool)
 
 
 # ----------------------------------------------------------------------------- OMP
+
+
+jax.tree_util.register_dataclass(OMP, data_fields=["tol"], meta_fields=["k", "positive"])
 
 
 class OMPState(NamedTuple):

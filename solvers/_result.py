@@ -31,7 +31,9 @@ STATUS_MESSAGES: dict[int, str] = {
     Status.MAX_ITER: "maximum number of iterations reached before the tolerance was met",
     Status.EXACT: "residual is zero: the activation is fully explained",
     Status.DEPENDENT: "stopped early: the next atom is linearly dependent on the selected ones",
-    Status.NO_POSITIVE_CORRELATION: "stopped early: no atom correlates positively with the residual",
+    Status.NO_POSITIVE_CORRELATION: (
+        "stopped early: no atom correlates positively with the residual"
+    ),
     Status.TOO_MANY_NONZEROS: (
         "the codes have more non-zeros than max_nonzero (the smallest were dropped or the "
         "solve could not finish): raise max_nonzero"

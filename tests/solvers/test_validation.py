@@ -197,3 +197,22 @@ def test_prepared_dictionary_of_other_dtype(activations, dictionary):
 def test_bad_execution_settings(activations, dictionary, name):
     with pytest.raises(ValueError, match=rf"{name} must be at least 1"):
         omp(activations, dictionary, **{name: 0})
+
+
+def test_new_penalty_or_tolerance_compiles_nothing_new():
+    """Float settings are traced, so a service answering many alphas compiles once."""
+    from solvers import _api
+
+    rng = np.random.default_rng(11)
+    dictionary = rng.standard_normal((96, 20))
+    x = rng.standard_normal((4, 20))
+    for method, first, second in [
+        ("omp", {"k": 3, "tol": 0.0}, {"k": 3, "tol": 100.0}),
+        ("fista", {"alpha": 0.1, "max_iter": 20}, {"alpha": 0.4, "max_iter": 20}),
+        ("lasso", {"alpha": 0.1}, {"alpha": 0.25}),
+    ]:
+        a = solvers.unfold(x, dictionary, method=method, **first)
+        compiled = _api._solve_block._cache_size()
+        b = solvers.unfold(x, dictionary, method=method, **second)
+        assert _api._solve_block._cache_size() == compiled, method
+        assert not np.array_equal(a.to_dense(), b.to_dense()), method  # the new value was used
