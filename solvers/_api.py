@@ -204,11 +204,23 @@ def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int
     )
 
 
+GATHER_WIDTH = 64
+"""Reconstruct codes at most this wide from gathered atoms (batch, width, d_model); wider
+ones (the LASSO's, up to d_model) through dense codes and one product with the dictionary."""
+
+
 def diagnostics(dictionary: Dictionary, x: jax.Array, sol: ChunkSolution):
     """(residual_norm, relative_error, l0) of padded sparse codes for centred `x`."""
-    atoms = dictionary.atoms[jnp.maximum(sol.indices, 0)]  # (batch, width, d_model)
     values = jnp.where(sol.indices >= 0, sol.values, 0.0)
-    residual_norm = jnp.linalg.norm(x - jnp.einsum("bw,bwm->bm", values, atoms), axis=1)
+    batch, width = values.shape
+    if width <= GATHER_WIDTH:
+        atoms = dictionary.atoms[jnp.maximum(sol.indices, 0)]  # (batch, width, d_model)
+        reconstruction = jnp.einsum("bw,bwm->bm", values, atoms)
+    else:  # padding slots add 0 to feature 0
+        dense = jnp.zeros((batch, dictionary.n_features), values.dtype)
+        dense = dense.at[jnp.arange(batch)[:, None], jnp.maximum(sol.indices, 0)].add(values)
+        reconstruction = dense @ dictionary.atoms
+    residual_norm = jnp.linalg.norm(x - reconstruction, axis=1)
     x_norm = jnp.linalg.norm(x, axis=1)
     relative_error = jnp.where(x_norm > 0, residual_norm / jnp.where(x_norm > 0, x_norm, 1), 0.0)
     l0 = jnp.sum((sol.indices >= 0) & (values != 0), axis=1).astype(jnp.int32)
