@@ -329,3 +329,19 @@ def test_float64_needs_no_global_config(noisy):
     assert not jax.config.x64_enabled
     with pytest.raises(ValueError, match="prepared as float64"):
         solvers.unfold(activations, prepared, method="omp", k=4)
+
+
+@pytest.mark.parametrize("gram", [True, False], ids=["gram", "matrix-free"])
+def test_diagnostics_of_wide_codes_match_a_direct_computation(gram):
+    # Width min(n_features, d_model) = 100 > GATHER_WIDTH: the dense reconstruction path.
+    rng = np.random.default_rng(21)
+    dictionary = rng.standard_normal((400, 100))
+    bias = rng.standard_normal(100)
+    activations = rng.standard_normal((5, 100)) + bias
+    prepared = solvers.prepare(dictionary, bias, gram=gram)
+    result = solvers.unfold(activations, prepared, method="lasso", alpha=0.05)
+    assert result.indices.shape[1] > solvers._api.GATHER_WIDTH
+    residual = activations - bias - result.to_dense() @ dictionary
+    np.testing.assert_allclose(result.residual_norm, np.linalg.norm(residual, axis=1), rtol=1e-4)
+    norms = np.linalg.norm(activations - bias, axis=1)
+    np.testing.assert_allclose(result.relative_error, result.residual_norm / norms, rtol=1e-5)
