@@ -70,7 +70,7 @@ def unfold(
     method: str = "omp",
     *,
     bias=None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     chunk_rows: int | None = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     streams: int | None = None,
@@ -84,7 +84,7 @@ def unfold(
             from `prepare` (which holds the per-dictionary precomputation: reuse it).
         method: one of `METHODS` ("omp", ...).
         bias: optional decoder bias of shape (d_model,) (only with a raw dictionary).
-        dtype: "float32" or "float64".
+        dtype: "float32" or "float64"; None: a prepared dictionary's own, else "float32".
         chunk_rows, block_rows, streams: execution tuning: rows solved together (default
             `default_chunk_rows`), rows per compiled call, independent chunk sequences per
             call (default `default_streams`: one per CPU core on the Gram path).

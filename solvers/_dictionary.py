@@ -68,7 +68,7 @@ def prepare(
     dictionary,
     bias=None,
     *,
-    dtype: str = "float32",
+    dtype: str | None = None,
     gram: bool | None = None,
     gram_budget_bytes: int = DEFAULT_GRAM_BUDGET_BYTES,
 ) -> Dictionary:
@@ -80,8 +80,8 @@ def prepare(
             `Dictionary` is returned unchanged when its dtype matches.
         bias: optional decoder bias of shape (d_model,): the model is
             ``x = codes @ dictionary + bias``.
-        dtype: "float32" (default) or "float64" (computed in JAX's 64-bit mode, enabled
-            locally: see `precision`).
+        dtype: "float32" or "float64" (computed in JAX's 64-bit mode, enabled locally: see
+            `precision`); None: a prepared dictionary's own, else "float32".
         gram: True to build the Gram matrix, False for the matrix-free path, None to decide by
             `gram_budget_bytes`.
         gram_budget_bytes: the largest Gram matrix built automatically.
@@ -89,7 +89,9 @@ def prepare(
     Raises:
         ValueError: non-2-D, empty, non-finite or all-zero rows, bias of the wrong shape.
     """
-    np_dtype = check_dtype(dtype)
+    if isinstance(dictionary, Dictionary) and dtype is None:
+        dtype = dictionary.dtype.name
+    np_dtype = check_dtype("float32" if dtype is None else dtype)
     if isinstance(dictionary, Dictionary):
         if dictionary.dtype != np_dtype:
             raise ValueError(f"dictionary was prepared as {dictionary.dtype}, not {np_dtype}")

@@ -216,3 +216,12 @@ def test_new_penalty_or_tolerance_compiles_nothing_new():
         b = solvers.unfold(x, dictionary, method=method, **second)
         assert _api._solve_block._cache_size() == compiled, method
         assert not np.array_equal(a.to_dense(), b.to_dense()), method  # the new value was used
+
+
+def test_a_prepared_dictionary_brings_its_dtype():
+    dictionary = np.random.default_rng(12).standard_normal((50, 10))
+    prepared = solvers.prepare(dictionary, dtype="float64")
+    assert solvers.unfold(np.ones(10), prepared, k=2).values.dtype == np.float64
+    assert solvers.unfold(np.ones(10), dictionary, k=2).values.dtype == np.float32
+    with pytest.raises(ValueError, match="prepared as float64"):
+        solvers.unfold(np.ones(10), prepared, k=2, dtype="float32")
