@@ -181,7 +181,7 @@ def test_parameter_of_another_method(activations, dictionary):
         solvers.unfold(activations, dictionary, method="lasso", alpha=0.1, k=2)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int32", "bfloat16", "double", None])
+@pytest.mark.parametrize("dtype", ["float16", "int32", "bfloat16", "double", ""])
 def test_bad_dtype(activations, dictionary, dtype):
     with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'float64'\)"):
         omp(activations, dictionary, dtype=dtype)
