@@ -328,7 +328,7 @@ def test_float64_needs_no_global_config(noisy):
     assert result.values.dtype == np.float64 and result.residual_norm.dtype == np.float64
     assert not jax.config.x64_enabled
     with pytest.raises(ValueError, match="prepared as float64"):
-        solvers.unfold(activations, prepared, method="omp", k=4)
+        solvers.unfold(activations, prepared, method="omp", k=4, dtype="float32")
 
 
 @pytest.mark.parametrize("gram", [True, False], ids=["gram", "matrix-free"])
