@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .responses import JSONResponse
 
@@ -106,6 +107,11 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body("invalid_request", describe_validation_errors(error.errors())),
             status_code=422,
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, error: ClientDisconnect) -> Response:
+        # The client left mid-request: nobody reads an answer, and it is not a server error.
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -167,3 +167,37 @@ def test_limit_settings_from_the_environment(monkeypatch):
     settings = Settings()
     assert (settings.max_body_bytes, settings.max_queue_rows) == (123, 7)
     assert settings.batching is False and settings.request_timeout_s == 2.5
+
+
+def test_a_client_leaving_mid_request_is_not_a_server_error(tmp_path):
+    """A body read that finds the client gone ends quietly (no exception escapes the app)."""
+    import asyncio
+
+    from tests.service.conftest import running_client
+
+    with running_client(tmp_path) as client:
+        app = client.app
+        sent = []
+
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/dictionaries/demo/unfold",
+            "raw_path": b"/v1/dictionaries/demo/unfold",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        asyncio.run(app(scope, receive, send))
+        assert sent[0]["status"] == 499
