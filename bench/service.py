@@ -9,7 +9,9 @@
     python bench/service.py --quick    # small smoke run
 
 Every figure is a median over repeats where repeated; numbers from a shared 2-core machine are
-noisy: read the ratios.
+noisy: read the ratios. The load of (a) comes from `wrk` (Debian package `wrk`) when it is on
+the PATH: a Python client on the same two cores would be the bottleneck (httpx tops out near
+150-250 requests/s here); without wrk the bench falls back to httpx and says so.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -29,7 +34,9 @@ import time
 import httpx
 import numpy as np
 
-import solvers
+# This folder holds bench/solvers.py: put the repository first so `solvers` is the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import solvers  # noqa: E402
 
 
 def free_port() -> int:
@@ -140,8 +147,52 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
+WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def wrk_load(url: str, body: dict, concurrency: int, seconds: int) -> tuple[float, float, float]:
+    """(requests/s, p50 s, p99 s) of `wrk` posting `body` as JSON with `concurrency`
+    connections for `seconds`; non-2xx answers make it fail."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(
+            'wrk.method = "POST"\n'
+            f"wrk.body = {json.dumps(json.dumps(body))}\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+        )
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{seconds}s",
+                "--latency",
+                "-s",
+                script.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
+        ).stdout
+    finally:
+        os.unlink(script.name)
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw error answers:\n{out}")
+
+    def latency(label: str) -> float:
+        value = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s|m)$", out, flags=re.M)
+        return float(value.group(1)) * WRK_UNITS[value.group(2)]
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return rate, latency("50%"), latency("99%")
+
+
 def bench_single(args, dictionary, activations) -> None:
-    print(f"\n(a) single-vector JSON requests, k={args.k}, {args.requests} requests per level")
+    use_wrk = shutil.which("wrk") is not None and not args.httpx
+    load = f"wrk, {args.seconds} s per level" if use_wrk else f"httpx, {args.requests} requests"
+    print(f"\n(a) single-vector JSON requests, k={args.k}, load from {load}")
     header = f"{'batching':>8} {'conc':>5} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
     print(header + "\n" + "-" * len(header))
     rates: dict[tuple[bool, int], float] = {}
@@ -150,15 +201,21 @@ def bench_single(args, dictionary, activations) -> None:
             ref = register(base, dictionary)
             warm(base, ref, activations, args.k, args.max_batch_size)
             for concurrency in args.concurrency:
-                rows = activations[: args.requests]
-                seconds, latencies = asyncio.run(
-                    single_vectors(base, ref, rows, args.k, concurrency)
-                )
-                rates[batching, concurrency] = len(rows) / seconds
+                if use_wrk:
+                    body = {"activations": activations[0].tolist(), "k": args.k}
+                    url = f"{base}/v1/dictionaries/{ref}/unfold"
+                    rate, p50, p99 = wrk_load(url, body, concurrency, args.seconds)
+                else:
+                    rows = activations[: args.requests]
+                    seconds, latencies = asyncio.run(
+                        single_vectors(base, ref, rows, args.k, concurrency)
+                    )
+                    rate = len(rows) / seconds
+                    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+                rates[batching, concurrency] = rate
                 print(
-                    f"{'on' if batching else 'off':>8} {concurrency:>5} "
-                    f"{rates[batching, concurrency]:>9.0f} {1e3 * percentile(latencies, 50):>8.1f} "
-                    f"{1e3 * percentile(latencies, 99):>8.1f}"
+                    f"{'on' if batching else 'off':>8} {concurrency:>5} {rate:>9.0f} "
+                    f"{1e3 * p50:>8.1f} {1e3 * p99:>8.1f}"
                 )
     for concurrency in args.concurrency:
         ratio = rates[True, concurrency] / rates[False, concurrency]
@@ -217,11 +274,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per level")
+    parser.add_argument("--httpx", action="store_true", help="load from httpx even with wrk")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.n_features, args.d_model, args.k = 1024, 128, 8
-        args.requests, args.batch, args.repeats = 128, 512, 1
+        args.requests, args.batch, args.repeats, args.seconds = 128, 512, 1, 3
     print(
         f"dictionary {args.n_features} x {args.d_model}, JAX {solvers.__name__} on "
         f"{__import__('jax').default_backend()}"
