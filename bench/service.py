@@ -103,7 +103,13 @@ def register(base: str, dictionary: np.ndarray) -> str:
         timeout=120,
     )
     response.raise_for_status()
-    return response.json()["id"]
+    ref = response.json()["id"]
+    deadline = time.monotonic() + 600  # the server compiles its default programs meanwhile
+    while not httpx.get(f"{base}/v1/dictionaries/{ref}", timeout=30).json()["warm"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the dictionary was not warmed in time")
+        time.sleep(0.5)
+    return ref
 
 
 def warm(base: str, ref: str, activations: np.ndarray, k: int, max_batch_size: int) -> None:

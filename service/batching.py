@@ -402,6 +402,7 @@ def warmup(entry, max_batch_size: int, *, k: int = 8) -> int:
         zeros = np.zeros((size, record.d_model), np.float32)
         solvers.unfold(zeros, entry.prepared, method="omp", k=min(k, record.n_features))
     log.info("warmed %s for %s rows in %.1f s", record.name, sizes, time.perf_counter() - started)
+    entry.warm.set()
     return len(sizes)
 
 

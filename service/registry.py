@@ -26,6 +26,8 @@ class Entry:
 
     record: DictionaryRecord
     prepared: solvers.Dictionary
+    warm: threading.Event = dataclasses.field(default_factory=threading.Event, compare=False)
+    """Set once the default programs are compiled (`batching.warmup`)."""
 
     @property
     def norms(self) -> np.ndarray:

@@ -49,6 +49,10 @@ class DictionaryInfo(BaseModel):
     has_bias: bool
     norms: NormsSummary = Field(description="Summary of the directions' Euclidean norms.")
     path: Literal["gram", "matrix-free"] = Field(description="Solver execution path.")
+    warm: bool = Field(
+        description="The default programs (OMP, k=8, every batch bucket) are compiled; "
+        "stays false with UNFOLD_WARMUP=false."
+    )
     labels: int = Field(description="Number of feature labels (0 when none).")
     metadata: dict[str, Any]
     created_at: str

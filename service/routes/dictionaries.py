@@ -42,6 +42,7 @@ def describe(entry: Entry) -> DictionaryInfo:
         has_bias=record.bias is not None,
         norms={"min": norms.min(), "max": norms.max(), "mean": norms.mean()},
         path="gram" if entry.prepared.gram is not None else "matrix-free",
+        warm=entry.warm.is_set(),
         labels=len(record.labels or ()),
         metadata=record.metadata,
         created_at=record.created_at,

@@ -17,3 +17,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def from_npy(body: bytes) -> np.ndarray:
     return np.load(io.BytesIO(body), allow_pickle=False)
+
+
+def stable(info: dict) -> dict:
+    """Dictionary info without its volatile warm-up state."""
+    return {key: value for key, value in info.items() if key != "warm"}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
 from service.store import content_id
 from tests.service.conftest import running_client
-from tests.service.helpers import NPY_HEADERS, npy_bytes
+from tests.service.helpers import NPY_HEADERS, npy_bytes, stable
 
 
 def test_health_and_readiness(client):
@@ -21,6 +22,21 @@ def test_demo_dictionary_is_seeded_on_an_empty_store(client):
     info = client.get("/v1/dictionaries/demo").json()
     assert (info["n_features"], info["d_model"], info["labels"]) == (32, 16, 32)
     assert info["path"] == "gram"
+    assert info["warm"]  # ready means its default programs are compiled
+
+
+def test_a_new_dictionary_is_warmed_in_the_background(client):
+    created = client.post("/v1/dictionaries", json={"name": "w", "directions": [[1, 0], [0, 1]]})
+    deadline = time.monotonic() + 120
+    while not client.get("/v1/dictionaries/w").json()["warm"]:
+        assert time.monotonic() < deadline, "never warmed"
+        time.sleep(0.1)
+    assert created.status_code == 201
+
+
+def test_warm_stays_false_without_warm_up(tmp_path):
+    with running_client(tmp_path, warmup=False) as client:
+        assert client.get("/v1/dictionaries/demo").json()["warm"] is False
 
 
 def test_no_demo_when_disabled(tmp_path):
@@ -34,8 +50,8 @@ def test_register_returns_content_addressed_id(client, toy):
     assert (info["name"], info["n_features"], info["d_model"]) == ("toy", 64, 24)
     assert info["has_bias"] is False and info["dtype"] == "float32"
     assert abs(info["norms"]["mean"] - 1) < 1e-6
-    assert client.get(f"/v1/dictionaries/{info['id']}").json() == info
-    assert client.get("/v1/dictionaries/toy").json() == info
+    assert stable(client.get(f"/v1/dictionaries/{info['id']}").json()) == stable(info)
+    assert stable(client.get("/v1/dictionaries/toy").json()) == stable(info)
     names = {d["name"] for d in client.get("/v1/dictionaries").json()["dictionaries"]}
     assert names == {"demo", "toy"}
 
@@ -81,7 +97,7 @@ def test_survives_restart_with_same_id(tmp_path):
             "/v1/dictionaries", json={"name": "keep", "directions": [[1, 0], [0, 1], [1, 1]]}
         ).json()
     with running_client(tmp_path) as client:
-        assert client.get("/v1/dictionaries/keep").json() == created
+        assert stable(client.get("/v1/dictionaries/keep").json()) == stable(created)
 
 
 def test_partial_write_is_invisible_and_damaged_entry_skipped(tmp_path):
