@@ -124,7 +124,7 @@ class Batcher:
         *,
         enabled: bool = True,
         max_batch_size: int = 256,
-        max_wait_ms: float = 2.0,
+        max_wait_ms: float = 0.0,
         max_queue_rows: int = 4096,
         timeout_s: float = 60.0,
         retry_after_s: int = 1,

@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(256, ge=1, description="Most rows in one merged solver call.")
     max_wait_ms: float = Field(
-        2.0, ge=0, description="Longest a request waits for others to join its batch."
+        0.0,
+        ge=0,
+        description="Longest a request waits for others to join its batch. 0: none; batches "
+        "still form from the requests that arrive while the previous batch is solved.",
     )
     max_queue_rows: int = Field(
         4096,

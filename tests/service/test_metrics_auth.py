@@ -160,7 +160,7 @@ def test_info_reports_backend_and_serving_settings(tmp_path):
     ) as client:
         info = client.get("/v1/info").json()
     assert info["version"] and info["jax"]["backend"] == "cpu" and info["jax"]["devices"]
-    assert info["batching"] == {"enabled": False, "max_batch_size": 32, "max_wait_ms": 2.0}
+    assert info["batching"] == {"enabled": False, "max_batch_size": 32, "max_wait_ms": 0.0}
     assert info["limits"]["max_body_bytes"] == 1234 and info["auth"] is False
     assert info["gram_budget_bytes"] == Settings().gram_budget_bytes
 
