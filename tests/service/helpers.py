@@ -1,10 +1,18 @@
-"""Small helpers for service tests: binary bodies."""
+"""Small helpers for service tests: binary bodies, a real server process."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import socket
+import subprocess
+import sys
+import time
 
+import httpx
 import numpy as np
+import pytest
 
 NPY_HEADERS = {"content-type": "application/x-npy"}
 
@@ -22,3 +30,56 @@ def from_npy(body: bytes) -> np.ndarray:
 def stable(info: dict) -> dict:
     """Dictionary info without its volatile warm-up state."""
     return {key: value for key, value in info.items() if key != "warm"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(data_dir, port: int | None = None, *, env=None, headers=None, timeout: float = 90.0):
+    """Run `unfold serve` on 127.0.0.1 until the block ends (extra UNFOLD_* variables in `env`);
+    yield an httpx client (with `headers`) once it is ready. The server's output goes to
+    `server_log(data_dir)`."""
+    port = free_port() if port is None else port
+    with open(server_log(data_dir), "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+             "--data-dir", str(data_dir)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            with httpx.Client(
+                base_url=f"http://127.0.0.1:{port}", timeout=30.0, headers=headers
+            ) as client:
+                while True:
+                    if process.poll() is not None:
+                        pytest.fail(f"server exited: {read_log(data_dir)[-2000:]}")
+                    with contextlib.suppress(httpx.TransportError):
+                        if client.get("/readyz").status_code == 200:
+                            break
+                    if time.monotonic() > deadline:
+                        pytest.fail("server did not become ready in time")
+                    time.sleep(0.2)
+                yield client
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def server_log(data_dir) -> str:
+    return os.path.join(data_dir, "server.log")
+
+
+def read_log(data_dir) -> str:
+    with open(server_log(data_dir), encoding="utf-8", errors="replace") as file:
+        return file.read()

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from service.cli import main
+from tests.service.helpers import free_port
 from tests.service.test_oip import lean_server, toy_problem
-from tests.service.test_process import free_port
 
 
 @pytest.fixture(scope="module")

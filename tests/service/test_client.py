@@ -21,8 +21,8 @@ from service.client import (
     UnfoldConnectionError,
     UnfoldResult,
 )
+from tests.service.helpers import free_port
 from tests.service.test_oip import lean_server, toy_problem
-from tests.service.test_process import free_port
 
 
 @pytest.fixture(scope="module")

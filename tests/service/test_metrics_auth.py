@@ -6,14 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,6 +17,7 @@ from service import Settings
 from service.demo import demo_dictionary
 from service.logs import JSONFormatter
 from tests.service.conftest import running_client
+from tests.service.helpers import read_log, serve
 
 UNFOLD = "/v1/dictionaries/{ref}/unfold"
 
@@ -195,62 +191,6 @@ def test_json_log_formatter():
 # A real server process.
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def read(path) -> str:
-    with open(path, encoding="utf-8", errors="replace") as file:
-        return file.read()
-
-
-@contextlib.contextmanager
-def serve(data_dir, env: dict, headers: dict, timeout: float = 90.0):
-    """`unfold serve` on 127.0.0.1 with extra UNFOLD_* variables; yields (client, output path)."""
-    port = free_port()
-    output = open(os.path.join(data_dir, "server.log"), "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-        ],
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **env},
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", timeout=30.0, headers=headers
-        ) as client:
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"server exited: {read(output.name)[-2000:]}")
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/readyz").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    pytest.fail("server did not become ready in time")
-                time.sleep(0.2)
-            yield client, output.name
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        output.close()
-
-
 def test_real_server_merges_concurrent_requests(tmp_path):
     """32 single-vector requests from 16 threads: every answer is right, and /metrics shows
     fewer solver calls than requests. The batch window is long (500 ms) and a batch fires as
@@ -265,7 +205,7 @@ def test_real_server_merges_concurrent_requests(tmp_path):
     directions, _ = demo_dictionary()
     rng = np.random.default_rng(0)
     pairs = [tuple(int(i) for i in rng.choice(32, 2, replace=False)) for _ in range(32)]
-    with serve(tmp_path, env, {"Authorization": "Bearer secret"}) as (client, log_path):
+    with serve(tmp_path, env=env, headers={"Authorization": "Bearer secret"}) as client:
         unauthorized = client.get("/v1/info", headers={"Authorization": "Bearer nope"})
         assert unauthorized.status_code == 401
 
@@ -290,7 +230,7 @@ def test_real_server_merges_concurrent_requests(tmp_path):
     assert 1 <= calls < 32, f"{calls} solver calls for 32 requests: nothing was merged"
     assert value(series, "unfold_requests_total", route=UNFOLD, method="POST", status="200") == 32
     access = []
-    for line in read(log_path).splitlines():
+    for line in read_log(tmp_path).splitlines():
         with contextlib.suppress(ValueError):
             entry = json.loads(line)
             if entry.get("logger") == "uvicorn.access":

@@ -14,7 +14,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.service.conftest import running_client
-from tests.service.test_process import free_port, serve
+from tests.service.helpers import free_port, serve
 
 
 def toy_problem(batch: int = 6, seed: int = 0):

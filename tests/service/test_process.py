@@ -2,55 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 
-from tests.service.helpers import stable
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(data_dir, port: int, timeout: float = 90.0):
-    """Run `unfold serve` until the block ends; yield an httpx client once it is ready."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--data-dir", data_dir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=base, timeout=30.0) as client:
-            while True:
-                if process.poll() is not None:
-                    pytest.fail(f"server exited: {process.stderr.read().decode()[-2000:]}")
-                with contextlib.suppress(httpx.TransportError):
-                    if client.get("/readyz").status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    pytest.fail("server did not become ready in time")
-                time.sleep(0.2)
-            yield client
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+from tests.service.helpers import free_port, serve, stable
 
 
 def test_restart_keeps_dictionaries_and_ids(tmp_path):
