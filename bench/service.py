@@ -1,12 +1,13 @@
 """Service benchmark: a real `unfold serve` process on 127.0.0.1, measured from outside.
 
-(a) single-vector requests at several concurrencies, dynamic batching on and off: rows/s and
-    p50/p99 latency, and the batching speed-up;
+(a) single-vector requests at several concurrencies, dynamic batching on and off (two servers
+    side by side, measured in turns): rows/s and p50/p99 latency, and the batching speed-up;
 (b) one batch via JSON and via `.npy` (answer as safetensors) against `solvers.unfold` called
     in-process on the same data.
 
     python bench/service.py            # full run (a few minutes)
     python bench/service.py --quick    # small smoke run
+    python bench/service.py --single-only --single-repeats 5   # (a) alone, more repeats
 
 Every figure is a median over repeats where repeated; numbers from a shared 2-core machine are
 noisy: read the ratios. The load of (a) comes from `wrk` (Debian package `wrk`) when it is on
@@ -189,6 +190,8 @@ def wrk_load(url: str, body: dict, concurrency: int, seconds: int) -> tuple[floa
 
     def latency(label: str) -> float:
         value = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s|m)$", out, flags=re.M)
+        if value is None:
+            raise RuntimeError(f"no {label} latency in the output of wrk:\n{out}")
         return float(value.group(1)) * WRK_UNITS[value.group(2)]
 
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
@@ -196,36 +199,62 @@ def wrk_load(url: str, body: dict, concurrency: int, seconds: int) -> tuple[floa
 
 
 def bench_single(args, dictionary, activations) -> None:
+    """Both servers (batching off and on) run side by side, idle but for the one measured; each
+    concurrency level is measured on one then the other, `--single-repeats` times, so a load
+    that drifts on a shared machine hits both alike. Figures are medians over the repeats."""
     use_wrk = shutil.which("wrk") is not None and not args.httpx
     load = f"wrk, {args.seconds} s per level" if use_wrk else f"httpx, {args.requests} requests"
-    print(f"\n(a) single-vector JSON requests, k={args.k}, load from {load}")
-    header = f"{'batching':>8} {'conc':>5} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
+    print(
+        f"\n(a) single-vector JSON requests, k={args.k}, load from {load}, median of "
+        f"{args.single_repeats} (off and on alternate)"
+    )
+    samples: dict[tuple[bool, int], list[tuple[float, float, float]]] = {}
+    with contextlib.ExitStack() as stack:
+        targets = {}
+        for batching in (False, True):
+            base = stack.enter_context(server(batching, args.max_batch_size))
+            ref = register(base, dictionary)
+            warm(base, ref, activations, args.k, args.max_batch_size)
+            targets[batching] = base, ref
+        for _ in range(args.single_repeats):
+            for concurrency in args.concurrency:
+                for batching, (base, ref) in targets.items():
+                    if use_wrk:
+                        body = {"activations": activations[0].tolist(), "k": args.k}
+                        url = f"{base}/v1/dictionaries/{ref}/unfold"
+                        sample = wrk_load(url, body, concurrency, args.seconds)
+                    else:
+                        rows = activations[: args.requests]
+                        seconds, latencies = asyncio.run(
+                            single_vectors(base, ref, rows, args.k, concurrency)
+                        )
+                        sample = (
+                            len(rows) / seconds,
+                            percentile(latencies, 50),
+                            percentile(latencies, 99),
+                        )
+                    samples.setdefault((batching, concurrency), []).append(sample)
+    header = (
+        f"{'batching':>8} {'conc':>5} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'rows/s range':>14}"
+    )
     print(header + "\n" + "-" * len(header))
     rates: dict[tuple[bool, int], float] = {}
     for batching in (False, True):
-        with server(batching, args.max_batch_size) as base:
-            ref = register(base, dictionary)
-            warm(base, ref, activations, args.k, args.max_batch_size)
-            for concurrency in args.concurrency:
-                if use_wrk:
-                    body = {"activations": activations[0].tolist(), "k": args.k}
-                    url = f"{base}/v1/dictionaries/{ref}/unfold"
-                    rate, p50, p99 = wrk_load(url, body, concurrency, args.seconds)
-                else:
-                    rows = activations[: args.requests]
-                    seconds, latencies = asyncio.run(
-                        single_vectors(base, ref, rows, args.k, concurrency)
-                    )
-                    rate = len(rows) / seconds
-                    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-                rates[batching, concurrency] = rate
-                print(
-                    f"{'on' if batching else 'off':>8} {concurrency:>5} {rate:>9.0f} "
-                    f"{1e3 * p50:>8.1f} {1e3 * p99:>8.1f}"
-                )
+        for concurrency in args.concurrency:
+            runs = samples[batching, concurrency]
+            rate = statistics.median(r for r, _, _ in runs)
+            p50 = statistics.median(p for _, p, _ in runs)
+            p99 = statistics.median(p for _, _, p in runs)
+            low, high = min(r for r, _, _ in runs), max(r for r, _, _ in runs)
+            rates[batching, concurrency] = rate
+            print(
+                f"{'on' if batching else 'off':>8} {concurrency:>5} {rate:>9.0f} "
+                f"{1e3 * p50:>8.1f} {1e3 * p99:>8.1f} {f'{low:.0f}-{high:.0f}':>14}"
+            )
     for concurrency in args.concurrency:
         ratio = rates[True, concurrency] / rates[False, concurrency]
-        print(f"batching speed-up at concurrency {concurrency}: {ratio:.2f}x")
+        print(f"batching speed-up at concurrency {concurrency}: {ratio:.2f}x (of median rows/s)")
 
 
 def bench_batch(args, dictionary, activations) -> None:
@@ -278,15 +307,20 @@ def main() -> None:
         "--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 16, 64]
     )
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of (b)")
+    parser.add_argument(
+        "--single-repeats", type=int, default=3, help="repeats of each level of (a)"
+    )
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per level")
     parser.add_argument("--httpx", action="store_true", help="load from httpx even with wrk")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--single-only", action="store_true", help="run (a) only")
     args = parser.parse_args()
     if args.quick:
         args.n_features, args.d_model, args.k = 1024, 128, 8
         args.requests, args.batch, args.repeats, args.seconds = 128, 512, 1, 3
+        args.single_repeats = 1
     print(
         f"dictionary {args.n_features} x {args.d_model}, JAX {solvers.__name__} on "
         f"{__import__('jax').default_backend()}"
@@ -295,7 +329,8 @@ def main() -> None:
         args.n_features, args.d_model, max(args.requests, args.batch), args.k
     )
     bench_single(args, dictionary, activations)
-    bench_batch(args, dictionary, activations)
+    if not args.single_only:
+        bench_batch(args, dictionary, activations)
 
 
 if __name__ == "__main__":

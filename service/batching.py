@@ -143,6 +143,7 @@ class Batcher:
         )
         self._queues: dict[Hashable, _Queue] = {}
         self._label_rows: dict[str, int] = collections.defaultdict(int)
+        self._depth_gauges: dict[str, Any] = {}  # the queue-depth gauge of each label
         self._closed = False
 
     @classmethod
@@ -219,7 +220,11 @@ class Batcher:
             if queue.worker is None:
                 queue.worker = asyncio.create_task(self._work(key, queue))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                # Unbatched, the thread's future is shielded: it releases the rows when the
+                # thread is done, even if this caller stopped waiting. Batched, the future is
+                # this request's own: cancelling it is what `_abandon` expects.
+                return await (future if request is not None else asyncio.shield(future))
         except TimeoutError:
             self._abandon(key, queue, request, future)
             raise Timeout(
@@ -260,7 +265,12 @@ class Batcher:
 
     def _report_depth(self, label: str) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(dictionary=label).set(self._label_rows[label])
+            gauge = self._depth_gauges.get(label)
+            if gauge is None:
+                gauge = self._depth_gauges[label] = self.metrics.queue_depth.labels(
+                    dictionary=label
+                )
+            gauge.set(self._label_rows[label])
 
     def _abandon(self, key, queue: _Queue, request: _Request | None, future) -> None:
         if request is None:  # unbatched: the thread finishes on its own; rows released then

@@ -37,6 +37,7 @@ class CLIError(Exception):
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import LOG_LEVELS
 
     from .app import create_app
     from .settings import Settings
@@ -56,7 +57,12 @@ def serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # uvicorn formats every access line before the logger drops it: only when it is shown.
+        access_log=LOG_LEVELS.get(settings.log_level.lower(), logging.INFO) <= logging.INFO,
     )
     return 0
 

@@ -70,6 +70,7 @@ class MetricsMiddleware:
     def __init__(self, app, metrics: Metrics):
         self.app = app
         self.metrics = metrics
+        self._series: dict[tuple[str, str, int], tuple] = {}  # (counter, histogram) by labels
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -88,9 +89,14 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
-            self.metrics.requests.labels(
-                route=template, method=scope["method"], status=str(status)
-            ).inc()
-            self.metrics.request_duration.labels(route=template).observe(
-                time.perf_counter() - started
-            )
+            key = (template, scope["method"], status)
+            series = self._series.get(key)
+            if series is None:  # labelled children, looked up once per label combination
+                series = self._series[key] = (
+                    self.metrics.requests.labels(
+                        route=template, method=scope["method"], status=str(status)
+                    ),
+                    self.metrics.request_duration.labels(route=template),
+                )
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)

@@ -12,7 +12,7 @@ from starlette.datastructures import UploadFile
 
 from .. import unfolding
 from ..batching import warmup
-from ..dependencies import BatcherDep, RegistryDep, SettingsDep
+from ..dependencies import RegistryDep, SettingsDep
 from ..errors import InvalidInput
 from ..formats import (
     NPY,
@@ -24,6 +24,7 @@ from ..formats import (
 )
 from ..registry import Entry
 from ..schemas import DictionaryCreate, DictionaryInfo, DictionaryList, UnfoldResponse, openapi_body
+from ._direct import DirectRoute
 
 router = APIRouter(prefix="/v1/dictionaries", tags=["dictionaries"])
 
@@ -154,8 +155,28 @@ async def delete_dictionary(ref: str, registry: RegistryDep) -> Response:
     return Response(status_code=204)
 
 
-@router.post(
+# The hot path: a `DirectRoute` (no dependency injection; the app's state is read from the
+# request, the body by `unfolding`). No docstring: it would become the operation's description.
+async def unfold(request: Request, ref: str) -> Response:
+    state = request.app.state
+    entry = state.registry.get(ref)
+    activations, params = await unfolding.parse_request(request, entry.record.d_model)
+    max_rows = state.settings.max_rows
+    if activations.shape[0] > max_rows:
+        raise InvalidInput(
+            f"{activations.shape[0]} rows exceed the limit of {max_rows} per request; "
+            "split the batch",
+            code="too_many_rows",
+        )
+    result = await unfolding.solve(entry, activations, params, state.batcher)
+    return unfolding.render(request, entry, result, params)
+
+
+router.add_api_route(
     "/{ref}/unfold",
+    unfold,
+    methods=["POST"],
+    route_class_override=DirectRoute,
     summary="Sparse codes of activations over the dictionary",
     response_model=UnfoldResponse,
     responses={
@@ -173,16 +194,3 @@ async def delete_dictionary(ref: str, registry: RegistryDep) -> Response:
         {NPY: "Activations (batch, d_model) float32; the parameters in the query string"},
     ),
 )
-async def unfold(
-    ref: str, request: Request, registry: RegistryDep, settings: SettingsDep, batcher: BatcherDep
-):
-    entry = registry.get(ref)
-    activations, params = await unfolding.parse_request(request, entry.record.d_model)
-    if activations.shape[0] > settings.max_rows:
-        raise InvalidInput(
-            f"{activations.shape[0]} rows exceed the limit of {settings.max_rows} per request; "
-            "split the batch",
-            code="too_many_rows",
-        )
-    result = await unfolding.solve(entry, activations, params, batcher)
-    return unfolding.render(request, entry, result, params)
