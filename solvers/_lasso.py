@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._dictionary import Dictionary
+from ._homotopy import PathState, empty_path, follow_path
 from ._proximal import (
     dual_scale,
     duality_gap,
@@ -55,6 +56,13 @@ INNER_REDUCTION = 1e-5
 """...or to this fraction of the last global gap, whichever is larger."""
 MAX_BUILT_BLOCK = 128
 """Matrix-free: largest working set whose Gram block is built from the atoms."""
+MIN_PATH_STEPS = 64
+"""The homotopy on a working set of w features stops after max(2 w, this) entries and exits."""
+SEGMENT_FRACTION = 0.5
+"""Each homotopy segment ends at this fraction of the largest correlation outside its working
+set (or at alpha): lower takes fewer working-set refreshes but more entries and exits."""
+VIOLATOR_MARGIN = 1.1
+"""A feature past the homotopy's level starts with this multiple of its correlation as penalty."""
 STEP_MARGIN = 1.0 + 1e-4
 """Lipschitz bounds are inflated this much against rounding."""
 
@@ -286,7 +294,7 @@ class _Outer(NamedTuple):
     crowded: jax.Array  # (batch,) bool: the support filled the working set in the last pass
     full: jax.Array  # (batch,) bool: ...in the last two passes: it needs a larger one
     done: jax.Array  # (batch,) bool: no more work in this tier
-    n_iter: jax.Array  # (batch,) int32 FISTA steps so far
+    n_iter: jax.Array  # (batch,) int32 homotopy and FISTA steps so far
     outer: jax.Array  # () int32 working-set refreshes in this tier
 
 
@@ -374,7 +382,7 @@ def solve_lasso(
             momentum_point=codes,
             momentum=jnp.ones((batch,), dtype),
             n_iter=jnp.zeros((batch,), jnp.int32),
-            running=active & (budget > 0),
+            running=active & (budget > 0) & (inner_gap(codes)[0] > target),
         )
         final = jax.lax.while_loop(lambda s: jnp.any(s.running), body, init)
         return final.codes, final.n_iter
@@ -384,8 +392,10 @@ def solve_lasso(
         # Without a Gram matrix, the w x w block is built from the w atoms for a small working
         # set. A large one (rare: supports of hundreds of features) would need w x d_model
         # gathered atoms per row, too much memory for the big dictionaries this path is for;
-        # its products go through the whole dictionary instead (memory O(batch n_features)).
+        # its products go through the whole dictionary instead (memory O(batch n_features)),
+        # and FISTA alone solves the working set.
         block_free = not use_gram and width > MAX_BUILT_BLOCK
+        capacity = min(max(width // 2, 1), d_model)
 
         def apply_gram(c, block):
             if block_free:  # block holds the working set's indices (batch, w)
@@ -393,63 +403,161 @@ def solve_lasso(
                 return jnp.take_along_axis((dense @ atoms) @ atoms.T, block, axis=1)
             return jnp.einsum("bw,bwv->bv", c, block)
 
-        def body(s: _Outer) -> _Outer:
+        def body(carry: tuple[_Outer, PathState, jax.Array, jax.Array]):
+            s, current, level, fallback = carry
+            active = ~s.done
             signed = s.correlations if positive else jnp.abs(s.correlations)
             priority = jnp.where(  # no penalty (s = 0): rank by correlation alone
                 alpha > 0,
                 (alpha - s.scale[:, None] * signed) / dictionary.norms,
                 -signed / dictionary.norms,
             )
+            # The support (and the path's active set) always belong to the working set.
             priority = jnp.where(s.codes != 0, -jnp.inf, priority)
-            working_set = jax.lax.top_k(-priority, width)[1]  # (batch, w)
+            priority = priority.at[rows, jnp.maximum(current.positions, 0)].min(
+                jnp.where(current.positions >= 0, -jnp.inf, jnp.inf)
+            )
+            # In index order: Gram entries are then gathered along increasing addresses.
+            working_set = jnp.sort(jax.lax.top_k(-priority, width)[1], axis=1)  # (batch, w)
             codes_w = jnp.take_along_axis(s.codes, working_set, axis=1)
             b_w = jnp.take_along_axis(alpha0, working_set, axis=1)
-            if use_gram:
-                block = dictionary.gram[working_set[:, :, None], working_set[:, None, :]]
-                bound = jnp.max(jnp.sum(jnp.abs(block), axis=2), axis=1)
-                step = 1.0 / jnp.minimum(bound * STEP_MARGIN, lipschitz)
-            elif block_free:
-                block = working_set
-                step = jnp.full((batch,), 1.0 / lipschitz, dtype)
+            sub = None if use_gram or block_free else atoms[working_set]  # (batch, w, d_model)
+
+            def gram_rows(features):
+                """Rows of the working set's Gram block for `features` (batch, ...) global."""
+                if use_gram:
+                    return dictionary.gram[
+                        features[..., None],
+                        working_set.reshape((batch,) + (1,) * (features.ndim - 1) + (width,)),
+                    ]
+                return jnp.einsum("b...d,bwd->b...w", atoms[features], sub)
+
+            path_steps = jnp.zeros((batch,), jnp.int32)
+            crowded_path = jnp.zeros((batch,), bool)
+            if block_free:
+                fallback = fallback | active
             else:
-                sub = atoms[working_set]
-                block = jnp.einsum("bwd,bvd->bwv", sub, sub)
-                bound = jnp.max(jnp.sum(jnp.abs(block), axis=2), axis=1)
-                step = 1.0 / jnp.minimum(bound * STEP_MARGIN, lipschitz)
-            # Solve the subproblem only as far as the working set deserves (celer): a fraction
-            # of the last global gap, down to the tolerance; never below the rounding floor.
-            floor = gap_floor(x_norm, jnp.abs(s.codes) @ dictionary.norms, dtype)
-            target = jnp.maximum(
-                INNER_FRACTION * tol * s.primal, jnp.maximum(floor, INNER_REDUCTION * s.gap)
-            )
-            active = ~s.done
-            codes_w, steps = inner_solve(
+                # The homotopy on the working set, from the current solution (at penalty
+                # `level`; zero at first) towards alpha, down to a fraction of the largest
+                # correlation outside the working set (the features that could compete next).
+                inside = jnp.zeros((batch, n_features), bool).at[rows, working_set].set(True)
+                outside = jnp.max(jnp.where(inside, -jnp.inf, signed), axis=1)
+                target = jnp.maximum(alpha, SEGMENT_FRACTION * outside)
+                match = current.positions[:, :, None] == working_set[:, None, :]
+                used = current.positions >= 0
+                positions = jnp.where(used, jnp.argmax(match, axis=2).astype(jnp.int32), -1)
+                slot_rows = jnp.where(
+                    used[:, :, None], gram_rows(jnp.maximum(current.positions, 0)), 0.0
+                )
+                start = current._replace(positions=positions, gram_rows=slot_rows)
+                # Penalties at the start: the current level on the active set and below it;
+                # past it (features new to the working set) a little above their correlation,
+                # so that they enter one at a time. From zero: all at the largest correlation.
+                signed_w = jnp.take_along_axis(signed, working_set, axis=1)
+                on_path = (
+                    jnp.zeros((batch, width), bool).at[rows, jnp.maximum(positions, 0)].max(used)
+                )
+                penalties = jnp.where(
+                    on_path | (signed_w <= level[:, None]),
+                    level[:, None],
+                    VIOLATOR_MARGIN * signed_w,
+                )
+                cold = ~jnp.isfinite(level)
+                penalties = jnp.where(
+                    cold[:, None], jnp.max(signed_w, axis=1, keepdims=True), penalties
+                )
+                path = active & ~fallback
+                end, path_steps, finished, crowded_path = follow_path(
+                    lambda j: gram_rows(jnp.take_along_axis(working_set, j[:, None], 1)[:, 0]),
+                    dictionary.norms[working_set] ** 2,
+                    b_w,
+                    penalties,
+                    target,
+                    start,
+                    positive=positive,
+                    running=path,
+                    max_steps=max(2 * width, MIN_PATH_STEPS),
+                )
+                solved = (
+                    jnp.zeros((batch, width), dtype)
+                    .at[rows, jnp.maximum(end.positions, 0)]
+                    .add(jnp.where(end.positions >= 0, end.codes, 0.0))
+                )
+                codes_w = jnp.where(path[:, None], solved, codes_w)
+                fallback = fallback | (path & ~finished)
+                level = jnp.where(path & finished, target, level)
+                features = jnp.take_along_axis(working_set, jnp.maximum(end.positions, 0), axis=1)
+                current = end._replace(positions=jnp.where(end.positions >= 0, features, -1))
+
+            # FISTA (warm) for the rows the homotopy could not solve: the working set's problem
+            # only as far as it deserves (celer): a fraction of the last global gap, down to
+            # the tolerance; never below the rounding floor.
+            polish = active & fallback
+
+            def run_fista(codes_w):
+                if block_free:
+                    block = working_set
+                    step = jnp.full((batch,), 1.0 / lipschitz, dtype)
+                else:
+                    block = gram_rows(working_set)
+                    bound = jnp.max(jnp.sum(jnp.abs(block), axis=2), axis=1)
+                    step = 1.0 / jnp.minimum(bound * STEP_MARGIN, lipschitz)
+                floor = gap_floor(x_norm, jnp.abs(s.codes) @ dictionary.norms, dtype)
+                target = jnp.maximum(
+                    INNER_FRACTION * tol * s.primal, jnp.maximum(floor, INNER_REDUCTION * s.gap)
+                )
+                return inner_solve(
+                    codes_w,
+                    block,
+                    b_w,
+                    step,
+                    target,
+                    polish,
+                    max_iter - s.n_iter - path_steps,
+                    apply_gram,
+                )
+
+            codes_w, steps = jax.lax.cond(
+                jnp.any(polish),
+                run_fista,
+                lambda c: (c, jnp.zeros((batch,), jnp.int32)),
                 codes_w,
-                block,
-                b_w,
-                step,
-                target,
-                active,
-                max_iter - s.n_iter,
-                apply_gram,
             )
             dense = jnp.zeros_like(s.codes).at[rows, working_set].set(codes_w)
             codes = jnp.where(active[:, None], dense, s.codes)
-            n_iter = s.n_iter + steps
+            n_iter = s.n_iter + path_steps + steps
             nonzero = jnp.sum(codes_w != 0, axis=1)
-            crowded = active & (nonzero > width - max(1, width // 8)) & (width < n_features)
+            crowded = active & (crowded_path | (nonzero > width - max(1, width // 8)))
+            crowded = crowded & (width < n_features)
             full = crowded & s.crowded  # early iterates may be dense: only a lasting excess
             if block_free:
                 residual = x - codes @ atoms
-            else:  # (batch, w, d_model) atoms: cheaper than a product with the dictionary
-                residual = x - jnp.einsum("bw,bwd->bd", codes_w, atoms[working_set])
+            else:  # from the path's slots (and the working set for FISTA's rows, if any):
+                # gathered atoms are cheaper than a product with the dictionary
+                on_slots = jnp.where(current.positions >= 0, current.codes, 0.0)
+                slot_atoms = atoms[jnp.maximum(current.positions, 0)]
+                residual = x - jnp.einsum("bm,bmd->bd", on_slots, slot_atoms)
+                residual = jax.lax.cond(
+                    jnp.any(polish),
+                    lambda r: jnp.where(
+                        polish[:, None],
+                        x - jnp.einsum("bw,bwd->bd", codes_w, atoms[working_set]),
+                        r,
+                    ),
+                    lambda r: r,
+                    residual,
+                )
             corr, scale, gap, primal, met, done = check(
                 codes, residual, n_iter, full=full, last_tier=last_tier, previous_done=s.done
             )
-            # A subproblem already solved to its rounding floor cannot make progress.
-            done = done | (active & (steps == 0) & (s.outer > 0))
+            # No progress at alpha: the support did not change and the gap did not even halve
+            # (a problem solved to its rounding floor, with no violator left to add).
+            same_support = jnp.all((codes != 0) == (s.codes != 0), axis=1)
+            at_alpha = fallback | (level <= alpha)
+            stuck = active & (s.outer > 0) & at_alpha & same_support & ~(gap < 0.5 * s.gap)
+            done = done | stuck
             keep = active[:, None]
-            return _Outer(
+            state = _Outer(
                 codes=codes,
                 correlations=jnp.where(keep, corr, s.correlations),
                 scale=jnp.where(active, scale, s.scale),
@@ -462,9 +570,18 @@ def solve_lasso(
                 n_iter=n_iter,
                 outer=s.outer + 1,
             )
+            return state, current, level, fallback
 
         start = start._replace(outer=jnp.zeros((), jnp.int32))
-        return jax.lax.while_loop(lambda s: jnp.any(~s.done) & (s.outer < MAX_OUTER), body, start)
+        carry = (
+            start,
+            empty_path(batch, capacity, width, dtype),
+            jnp.full((batch,), jnp.inf, dtype),
+            jnp.zeros((batch,), bool),
+        )
+        return jax.lax.while_loop(
+            lambda c: jnp.any(~c[0].done) & (c[0].outer < MAX_OUTER), body, carry
+        )[0]
 
     zeros = jnp.zeros((batch, n_features), dtype)
     no_iter = jnp.zeros((batch,), jnp.int32)
@@ -473,7 +590,17 @@ def solve_lasso(
         zeros, x, no_iter, full=false, last_tier=True, previous_done=false, corr=alpha0
     )
     state = _Outer(
-        zeros, corr, scale, gap, primal, met, false, false, done, no_iter, jnp.zeros((), jnp.int32)
+        zeros,
+        corr,
+        scale,
+        gap,
+        primal,
+        met,
+        false,
+        false,
+        done,
+        no_iter,
+        jnp.zeros((), jnp.int32),
     )
 
     cap = settings.max_nonzero
