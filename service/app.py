@@ -20,6 +20,7 @@ from .logs import configure_logging
 from .metrics import Metrics, MetricsMiddleware
 from .registry import Registry
 from .routes import dictionaries, health, info, metrics, oip
+from .routes._direct import DirectRoute, DirectRoutes
 from .settings import Settings
 from .store import DictionaryStore
 
@@ -54,6 +55,9 @@ def start_loading(registry: Registry, settings: Settings) -> threading.Thread:
     return thread
 
 
+ROUTERS = (health.router, dictionaries.router, info.router, metrics.router, oip.router)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app with its own store and registry under `settings.data_dir`."""
     settings = settings or Settings()
@@ -82,20 +86,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
     install_error_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
     install_middleware(app, settings)
-
-    app.include_router(health.router)
-    app.include_router(dictionaries.router)
-    app.include_router(info.router)
-    app.include_router(metrics.router)
-    app.include_router(oip.router)
     app.openapi = functools.partial(openapi_with_body_definitions, app)
     return app
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:
-    """From inner to outer: body-size limit, API keys, request metrics, CORS (outermost, so
-    preflight requests are answered without credentials)."""
+    """From inner to outer: direct routes (the hot path, ahead of the router), body-size limit,
+    API keys, request metrics, CORS (outermost, so preflight requests are answered without
+    credentials)."""
+    app.add_middleware(
+        DirectRoutes,
+        routes=[r for router in ROUTERS for r in router.routes if isinstance(r, DirectRoute)],
+        exception_handlers=app.exception_handlers,
+    )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)

@@ -28,6 +28,8 @@ class Entry:
     prepared: solvers.Dictionary
     warm: threading.Event = dataclasses.field(default_factory=threading.Event, compare=False)
     """Set once the default programs are compiled (`batching.warmup`)."""
+    settings_cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    """Solver settings by request parameters (`unfolding.solver_settings`; event loop only)."""
 
     @property
     def norms(self) -> np.ndarray:

@@ -113,6 +113,40 @@ def run(entry: Entry, activations: np.ndarray, method: str, params: dict) -> sol
         raise InvalidInput(str(error), code="invalid_parameter") from None
 
 
+SETTINGS_CACHE_SIZE = 256
+"""Most solver settings remembered per dictionary (`solver_settings`); then it starts over."""
+
+
+def solver_settings(entry: Entry, params) -> tuple[str, dict, Any]:
+    """(method, keyword arguments, `solvers.make_settings(...)`) for validated `params`.
+
+    Requests repeat their parameters, so the result is remembered per dictionary, keyed by the
+    parameter values; parameters the solver refuses (k > n_features, ...) are a 422 each time.
+    """
+    fields = _SOLVER_FIELDS.get(type(params))
+    if fields is None:
+        fields = _SOLVER_FIELDS[type(params)] = tuple(
+            name for name in type(params).model_fields if name not in NOT_SOLVER_FIELDS
+        )
+    key = (params.method, *(getattr(params, name) for name in fields))
+    cache = entry.settings_cache
+    cached = cache.get(key)
+    if cached is None:
+        method, kwargs = solver_params(params)
+        try:
+            settings = solvers.make_settings(method, entry.prepared, **kwargs)
+        except ValueError as error:
+            raise InvalidInput(str(error), code="invalid_parameter") from None
+        if len(cache) >= SETTINGS_CACHE_SIZE:
+            cache.clear()
+        cached = cache[key] = (method, kwargs, settings)
+    return cached
+
+
+NOT_SOLVER_FIELDS = OUTPUT_FIELDS | {"activations", "method"}
+_SOLVER_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher):
     """Codes of validated `activations` (batch, d_model) with validated `params`.
 
@@ -120,11 +154,7 @@ async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher)
     before it can join a batch; then the rows go through the `batcher` (merged with concurrent
     requests of the same dictionary and settings when dynamic batching is on).
     """
-    method, kwargs = solver_params(params)
-    try:
-        settings = solvers.make_settings(method, entry.prepared, **kwargs)
-    except ValueError as error:
-        raise InvalidInput(str(error), code="invalid_parameter") from None
+    method, kwargs, settings = solver_settings(entry, params)
     return await batcher.submit(
         (entry.record.id, settings), activations, lambda rows: run(entry, rows, method, kwargs)
     )
