@@ -120,7 +120,9 @@ def follow_path(
     carry = (
         start,
         jnp.zeros((batch,), dtype),  # t
-        jnp.full((batch,), -1, jnp.int32),  # the feature that just left: not back at once
+        # The feature that just left, not back at once across the bound it left by, stored
+        # as its position + 1, negated when it left by -lam (0: none).
+        jnp.zeros((batch,), jnp.int32),
         go,
         running & ~go,  # finished: nothing moves
         jnp.zeros((batch,), bool),  # crowded
@@ -142,15 +144,19 @@ def follow_path(
         lam = penalties - t[:, None] * speed  # (batch, w) lam_j(t)
 
         # Entry: an inactive feature's correlation reaches +lam_j (or -lam_j).
-        candidate = ~active & (features != barred[:, None])
+        candidate = ~active
         upward = jnp.where(
-            candidate & (speed - rate > tiny), (lam - correlations) / (speed - rate), jnp.inf
+            candidate & (features + 1 != barred[:, None]) & (speed - rate > tiny),
+            (lam - correlations) / (speed - rate),
+            jnp.inf,
         )
         if positive:
             downward = jnp.full_like(upward, jnp.inf)
         else:
             downward = jnp.where(
-                candidate & (speed + rate > tiny), (lam + correlations) / (speed + rate), jnp.inf
+                candidate & (-features - 1 != barred[:, None]) & (speed + rate > tiny),
+                (lam + correlations) / (speed + rate),
+                jnp.inf,
             )
         entering, dt_in = _first_min(jnp.maximum(jnp.minimum(upward, downward), 0.0))
         entering_sign = jnp.where(
@@ -223,7 +229,11 @@ def follow_path(
         return (
             moved,
             jnp.where(go, jnp.where(stop, 1.0, t + dt), t),
-            jnp.where(go & leave, s.positions[rows, leaving], -1),
+            jnp.where(
+                go & leave,
+                (s.positions[rows, leaving] + 1) * s.signs[rows, leaving].astype(jnp.int32),
+                0,
+            ),
             go & ~stop & ~blocked & (steps < max_steps),
             finished | (go & stop),
             crowded | no_slot,
