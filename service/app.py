@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
-from .auth import APIKeyMiddleware
+from .auth import PUBLIC_PATHS, APIKeyMiddleware
 from .batching import Batcher, enable_compilation_cache, warmup
 from .demo import DEMO_NAME, demo_dictionary
 from .errors import install_error_handlers
@@ -117,12 +117,28 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
 
 def openapi_with_body_definitions(app: FastAPI) -> dict:
     """The OpenAPI document, with the schemas of hand-parsed bodies (see
-    `schemas.openapi_body`) moved into its components."""
+    `schemas.openapi_body`) moved into its components, and with API keys configured, the
+    bearer scheme `APIKeyMiddleware` enforces (every operation but the health probes)."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for operations in schema["paths"].values():
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        keys = bool(app.state.settings.api_keys)
+        for path, operations in schema["paths"].items():
             for operation in operations.values():
-                components.update(operation.pop("x-definitions", {}))
+                schemas.update(operation.pop("x-definitions", {}))
+                if keys and path in PUBLIC_PATHS:
+                    operation["security"] = []  # the health probes need no key
+        if keys:
+            components["securitySchemes"] = {BEARER: BEARER_SCHEME}
+            schema["security"] = [{BEARER: []}]  # every other operation
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+BEARER = "apiKey"
+BEARER_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "One of the server's API keys (UNFOLD_API_KEYS): `Authorization: Bearer <key>`.",
+}

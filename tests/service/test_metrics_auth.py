@@ -236,3 +236,24 @@ def test_real_server_merges_concurrent_requests(tmp_path):
             if entry.get("logger") == "uvicorn.access":
                 access.append(entry)
     assert any(e.get("path") == "/v1/dictionaries/demo/unfold" for e in access), access[:3]
+
+
+def test_openapi_declares_the_bearer_scheme_when_api_keys_are_set(tmp_path):
+    headers = {"Authorization": "Bearer first-key"}
+    with running_client(tmp_path / "keys", warmup=False, **KEYS) as client:
+        spec = client.get("/openapi.json", headers=headers).json()
+    scheme = spec["components"]["securitySchemes"]["apiKey"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer") and scheme["description"]
+    assert spec["security"] == [{"apiKey": []}]
+    for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+        assert spec["paths"][path]["get"]["security"] == [], path
+    unfold = spec["paths"]["/v1/dictionaries/{ref}/unfold"]["post"]
+    assert "security" not in unfold  # the document's default: a key
+    with running_client(tmp_path / "open", warmup=False) as client:
+        open_spec = client.get("/openapi.json").json()
+    assert "securitySchemes" not in open_spec["components"] and "security" not in open_spec
+    assert all(
+        "security" not in operation
+        for operations in open_spec["paths"].values()
+        for operation in operations.values()
+    )
