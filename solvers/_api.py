@@ -30,11 +30,12 @@ MAX_STREAMS = 8
 """Each stream is a copy of the solver's loop in the compiled program: bounded for compile time."""
 
 
-def default_chunk_rows(dictionary: Dictionary) -> int:
-    """Rows solved together: `DEFAULT_CHUNK_ROWS` on the Gram path, a power of two bounded by
-    `CHUNK_BYTES` and `MAX_CHUNK_ROWS` on the matrix-free path."""
+def default_chunk_rows(dictionary: Dictionary, settings=None) -> int:
+    """Rows solved together: on the Gram path the method's own ``gram_chunk_rows`` (default
+    `DEFAULT_CHUNK_ROWS`), a power of two bounded by `CHUNK_BYTES` and `MAX_CHUNK_ROWS` on the
+    matrix-free path."""
     if dictionary.gram is not None:
-        return DEFAULT_CHUNK_ROWS
+        return getattr(settings, "gram_chunk_rows", DEFAULT_CHUNK_ROWS)
     rows = CHUNK_BYTES // (dictionary.n_features * dictionary.dtype.itemsize)
     rows = min(max(rows, DEFAULT_CHUNK_ROWS), MAX_CHUNK_ROWS)
     return 1 << (rows.bit_length() - 1)
@@ -140,7 +141,7 @@ def solve(
     independent sequences of chunks of `chunk_rows` rows.
     """
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(dictionary)
+        chunk_rows = default_chunk_rows(dictionary, settings)
     if streams is None:
         streams = default_streams(dictionary)
     n_rows = x.shape[0]

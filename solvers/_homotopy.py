@@ -1,21 +1,23 @@
-"""The homotopy (LARS-lasso) path on a small Gram block: the exact LASSO solution of a
-working set, followed from a known solution down to a lower penalty.
+"""The homotopy (LARS-lasso) path on a working set: the exact LASSO solution of a block of
+features, followed from a known solution to a lower penalty.
 
 Osborne, Presnell & Turlach (2000); Efron, Hastie, Johnstone & Tibshirani (2004), "the lasso
-modification". For ``min 0.5 c^T G c - b.c + lam ||c||_1`` the codes are piecewise linear in
-the penalty ``lam``: on the active set A the correlations ``b - G c`` equal ``lam * sign``, so
-the codes move in the direction ``G[A, A]^-1 sign`` until a feature outside A reaches
-``|correlation| = lam`` (it enters) or a code reaches zero (it leaves). Each such event is one
-step; the path ends at the requested level.
+modification". For ``min 0.5 c^T G c - b.c + sum_j lam_j |c_j|`` the codes are piecewise
+linear while the penalties move linearly: on the active set A the correlations ``b - G c``
+equal ``lam_j * sign_j``, so the codes move along ``G[A, A]^-1 (sign * d lam / dt)`` until a
+feature outside A reaches ``|correlation| = lam_j`` (it enters) or a code reaches zero (it
+leaves). Each such event is one step. With all penalties equal this is the classic path down
+to a level; unequal starting penalties let a solution computed on a smaller working set
+continue on a larger one, its new features past the level entering as their penalties fall
+(a weighted homotopy, as in Asif & Romberg's re-weighted l1 homotopy).
 
 Batched over rows with static shapes. The active set lives in `capacity` slots, each holding a
-feature's position in the block, its code and sign, with the *inverse* of the slots' Gram
-block (zero on free slots), which one symmetric rank-one change updates when a feature enters
-(a bordering by its Schur complement) or leaves. A step costs O(w capacity + capacity^2) per
-row for a block of w features. The correlations are recomputed from the codes at every step
-(no drift by accumulation), so float32 paths stay on the exact one to rounding. The slots
-carry over to another block holding the same active features (the caller re-maps positions),
-so a path can continue on a new working set.
+feature's position in the block, its code and sign, its row of the block's Gram matrix, and
+the *inverse* of the slots' Gram block (zero on free slots), which one symmetric rank-one
+change updates when a feature enters (a bordering by its Schur complement) or leaves. A step
+costs O(w * capacity + capacity^2) per row for a block of w features, and needs only the
+entering feature's Gram row, never the w x w block. Correlations are recomputed from the codes
+at every step (no drift by accumulation), so float32 paths stay on the exact one to rounding.
 
 A row that cannot finish (a feature dependent on the active set, no free slot, or `max_steps`
 reached) stops where it is and says so: the caller solves such rows by another method.

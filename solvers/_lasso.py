@@ -11,15 +11,23 @@ below the rounding noise of the dtype, see `gap_floor`), MAX_ITER otherwise.
 - `ISTA`, `FISTA`: proximal gradient on all features (products with the dictionary, or with
   the Gram matrix when that is cheaper, i.e. n_features <= 2 d_model). FISTA restarts its
   momentum when it points uphill (the gradient scheme of O'Donoghue & Candes 2015).
-- `Lasso`: a working-set method in the spirit of celer (Massias, Gramfort, Salmon 2018). A
-  small working set of features (the current support plus the features closest to violating
-  the dual constraint, ranked by ``(alpha - s |D r|_j) / ||d_j||``) is solved with restarted
-  FISTA on its own Gram block (gathered from the Gram matrix, or built from the atoms when
-  matrix-free), with a step from the block's Gershgorin bound; then the full correlations
-  ``D r`` give the global duality gap and the next working set. Each iteration costs
-  O(w^2) for w working-set features instead of O(n_features * d_model). The working set has
-  static capacity: 128 first, then ``2 * max_nonzero`` for the rows whose support fills it (a
-  `lax.cond` skips the large tier when no row of a chunk needs it).
+- `Lasso`: exact homotopy on working sets, certified by the global duality gap. A working set
+  of w features (the current support plus the features closest to violating the dual
+  constraint, ranked by ``(alpha - s |D r|_j) / ||d_j||``) is solved by the homotopy
+  (LARS-lasso) path of `solvers._homotopy` on its Gram rows (gathered from the Gram matrix, or
+  built from the atoms when matrix-free): exact, one step per entry or exit of a feature,
+  O(w * capacity) per step. The path runs in segments, each continued from the last one's
+  solution (no restart): from zero down to half the largest correlation outside the working
+  set, then again from there, down to alpha. After each segment the full correlations
+  ``D r`` (one product with the dictionary for a chunk of rows) give the global duality gap
+  and the next working set; features that became violators join it and enter the path by a
+  weighted homotopy (their penalty starts just above their correlation and falls to the
+  level), so a working set that missed a feature costs a few steps, not a new path. Rows the
+  path cannot finish (a feature dependent on the active set, or more active features than
+  slots) are finished by restarted FISTA on the working set's Gram block, with a step from
+  its Gershgorin bound. The working set has static capacity: 128 features (64 active) first,
+  then ``2 * max_nonzero`` for the rows whose support fills it (a `lax.cond` skips the large
+  tier when no row of a chunk needs it).
 """
 
 from __future__ import annotations
@@ -156,15 +164,19 @@ class FISTA(_L1Settings):
 
 @dataclasses.dataclass(frozen=True)
 class Lasso(_L1Settings):
-    """The LASSO solved to a duality gap by a working-set method; see `_L1Settings`.
+    """The LASSO solved to a duality gap by homotopy on working sets; see `_L1Settings`.
 
-    `max_iter` bounds the FISTA steps on working sets, summed over working-set refreshes.
+    `max_iter` bounds the homotopy steps (entries and exits) plus any FISTA steps, summed over
+    working-set refreshes; `n_iter` reports that sum.
     """
 
     max_iter: int = 10000
 
     name: ClassVar[str] = "lasso"
     default_max_iter: ClassVar[int] = 10000
+    gram_chunk_rows: ClassVar[int] = 64
+    """Rows solved together on the Gram path: each working-set refresh multiplies them by the
+    whole dictionary, which pays off for many rows at once."""
 
     def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
         """Solve a chunk of centred activations `x` of shape (batch, d_model); `correlations`,
@@ -442,6 +454,7 @@ def solve_lasso(
                 # correlation outside the working set (the features that could compete next).
                 inside = jnp.zeros((batch, n_features), bool).at[rows, working_set].set(True)
                 outside = jnp.max(jnp.where(inside, -jnp.inf, signed), axis=1)
+                cold = ~jnp.isfinite(level)
                 target = jnp.maximum(alpha, SEGMENT_FRACTION * outside)
                 match = current.positions[:, :, None] == working_set[:, None, :]
                 used = current.positions >= 0
@@ -462,7 +475,6 @@ def solve_lasso(
                     level[:, None],
                     VIOLATOR_MARGIN * signed_w,
                 )
-                cold = ~jnp.isfinite(level)
                 penalties = jnp.where(
                     cold[:, None], jnp.max(signed_w, axis=1, keepdims=True), penalties
                 )
