@@ -214,14 +214,25 @@ def diagnostics(dictionary: Dictionary, x: jax.Array, sol: ChunkSolution):
     """(residual_norm, relative_error, l0) of padded sparse codes for centred `x`."""
     values = jnp.where(sol.indices >= 0, sol.values, 0.0)
     batch, width = values.shape
-    if width <= GATHER_WIDTH:
-        atoms = dictionary.atoms[jnp.maximum(sol.indices, 0)]  # (batch, width, d_model)
-        reconstruction = jnp.einsum("bw,bwm->bm", values, atoms)
-    else:  # padding slots add 0 to feature 0
-        dense = jnp.zeros((batch, dictionary.n_features), values.dtype)
-        dense = dense.at[jnp.arange(batch)[:, None], jnp.maximum(sol.indices, 0)].add(values)
-        reconstruction = dense @ dictionary.atoms
-    residual_norm = jnp.linalg.norm(x - reconstruction, axis=1)
+
+    def residual_norm_of_codes():
+        if width <= GATHER_WIDTH:
+            atoms = dictionary.atoms[jnp.maximum(sol.indices, 0)]  # (batch, width, d_model)
+            reconstruction = jnp.einsum("bw,bwm->bm", values, atoms)
+        else:  # padding slots add 0 to feature 0
+            dense = jnp.zeros((batch, dictionary.n_features), values.dtype)
+            dense = dense.at[jnp.arange(batch)[:, None], jnp.maximum(sol.indices, 0)].add(values)
+            reconstruction = dense @ dictionary.atoms
+        return jnp.linalg.norm(x - reconstruction, axis=1)
+
+    if sol.residual_norm is None:
+        residual_norm = residual_norm_of_codes()
+    else:  # the solver's own, unless it does not know some row's
+        residual_norm = jax.lax.cond(
+            jnp.any(jnp.isnan(sol.residual_norm)),
+            residual_norm_of_codes,
+            lambda: sol.residual_norm,
+        )
     x_norm = jnp.linalg.norm(x, axis=1)
     relative_error = jnp.where(x_norm > 0, residual_norm / jnp.where(x_norm > 0, x_norm, 1), 0.0)
     l0 = jnp.sum((sol.indices >= 0) & (values != 0), axis=1).astype(jnp.int32)

@@ -302,6 +302,7 @@ class _Outer(NamedTuple):
     scale: jax.Array  # (batch,) dual scaling s at `codes`
     gap: jax.Array  # (batch,)
     primal: jax.Array  # (batch,)
+    residual_sq: jax.Array  # (batch,) ||x - codes @ D||^2
     met: jax.Array  # (batch,) bool: the gap met the tolerance
     crowded: jax.Array  # (batch,) bool: the support filled the working set in the last pass
     full: jax.Array  # (batch,) bool: ...in the last two passes: it needs a larger one
@@ -349,7 +350,7 @@ def solve_lasso(
         floor = gap_floor(x_norm, jnp.abs(codes) @ dictionary.norms, dtype)
         met = gap_met(gap, primal, floor, tol)
         done = previous_done | met | (n_iter >= max_iter) | (full & (not last_tier))
-        return corr, scale, gap, primal, met, done
+        return corr, scale, gap, primal, residual_sq, met, done
 
     def inner_solve(codes, gram_block, b_block, step, target, active, budget, apply_gram):
         """Restarted FISTA on the working-set subproblem, of shape (batch, w)."""
@@ -559,7 +560,7 @@ def solve_lasso(
                     lambda r: r,
                     residual,
                 )
-            corr, scale, gap, primal, met, done = check(
+            corr, scale, gap, primal, residual_sq, met, done = check(
                 codes, residual, n_iter, full=full, last_tier=last_tier, previous_done=s.done
             )
             # No progress at alpha: the support did not change and the gap did not even halve
@@ -575,6 +576,7 @@ def solve_lasso(
                 scale=jnp.where(active, scale, s.scale),
                 gap=jnp.where(active, gap, s.gap),
                 primal=jnp.where(active, primal, s.primal),
+                residual_sq=jnp.where(active, residual_sq, s.residual_sq),
                 met=jnp.where(active, met, s.met),
                 crowded=jnp.where(active, crowded, s.crowded),
                 full=jnp.where(active, full, s.full),
@@ -598,7 +600,7 @@ def solve_lasso(
     zeros = jnp.zeros((batch, n_features), dtype)
     no_iter = jnp.zeros((batch,), jnp.int32)
     false = jnp.zeros((batch,), bool)
-    corr, scale, gap, primal, met, done = check(
+    corr, scale, gap, primal, residual_sq, met, done = check(
         zeros, x, no_iter, full=false, last_tier=True, previous_done=false, corr=alpha0
     )
     state = _Outer(
@@ -607,6 +609,7 @@ def solve_lasso(
         scale,
         gap,
         primal,
+        residual_sq,
         met,
         false,
         false,
@@ -634,4 +637,7 @@ def solve_lasso(
     status = jnp.where(state.met, Status.CONVERGED, Status.MAX_ITER)
     too_many = overflow | (~state.met & state.full)
     status = jnp.where(too_many, Status.TOO_MANY_NONZEROS, status).astype(jnp.int32)
-    return ChunkSolution(indices, values, state.n_iter, status, state.gap)
+    # The residual is known for the codes returned, unless some were dropped (NaN: the caller
+    # recomputes it).
+    residual_norm = jnp.where(overflow, jnp.nan, jnp.sqrt(state.residual_sq))
+    return ChunkSolution(indices, values, state.n_iter, status, state.gap, residual_norm)

@@ -49,6 +49,9 @@ class ChunkSolution(NamedTuple):
     n_iter: jax.Array  # (batch,) int32
     status: jax.Array  # (batch,) int32 Status
     duality_gap: jax.Array  # (batch,), NaN when the method has none
+    residual_norm: jax.Array | None = None
+    """(batch,) ||x - codes @ D|| of the returned codes when the solver knows it (NaN for the
+    rows where it does not); None: computed from the codes."""
 
 
 class UnfoldResult(NamedTuple):
