@@ -189,7 +189,7 @@ def wrk_load(url: str, body: dict, concurrency: int, seconds: int) -> tuple[floa
         raise RuntimeError(f"wrk saw error answers:\n{out}")
 
     def latency(label: str) -> float:
-        value = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s|m)$", out, flags=re.M)
+        value = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s|m)\s*$", out, flags=re.M)
         if value is None:
             raise RuntimeError(f"no {label} latency in the output of wrk:\n{out}")
         return float(value.group(1)) * WRK_UNITS[value.group(2)]
