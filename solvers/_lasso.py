@@ -71,6 +71,9 @@ SEGMENT_FRACTION = 0.5
 set (or at alpha): lower takes fewer working-set refreshes but more entries and exits."""
 VIOLATOR_MARGIN = 1.1
 """A feature past the homotopy's level starts with this multiple of its correlation as penalty."""
+EXACT_SLACK = 1e-4
+"""A homotopy solution whose largest correlation is past alpha by more than this (relative)
+has a violator to add, whatever its gap."""
 STEP_MARGIN = 1.0 + 1e-4
 """Lipschitz bounds are inflated this much against rounding."""
 
@@ -340,15 +343,19 @@ def solve_lasso(
     alpha0 = x @ atoms.T if correlations is None else correlations  # (batch, n_features)
     lipschitz = dictionary.lipschitz * STEP_MARGIN
 
-    def check(codes, residual, n_iter, *, full, last_tier, previous_done, corr=None):
+    def check(codes, residual, n_iter, *, exact, full, last_tier, previous_done, corr=None):
         """Global gap at dense `codes` (batch, n_features) with residual (batch, d_model), and
-        the per-row stopping state."""
+        the per-row stopping state. For the rows whose codes are `exact` (homotopy) solutions
+        of their working set, a gap under the rounding floor counts as met only when no
+        feature is past alpha: its correlation is known far better than the gap."""
         residual_sq = jnp.sum(residual * residual, axis=1)
         corr = residual @ atoms.T if corr is None else corr
         scale = dual_scale(corr, alpha, positive)
         gap, primal = duality_gap(residual_sq, codes, corr, scale, alpha)
         floor = gap_floor(x_norm, jnp.abs(codes) @ dictionary.norms, dtype)
-        met = gap_met(gap, primal, floor, tol)
+        peak = jnp.max(corr if positive else jnp.abs(corr), axis=1)
+        violated = exact & (peak > alpha * (1.0 + EXACT_SLACK))
+        met = gap_met(gap, primal, jnp.where(violated, 0.0, floor), tol)
         done = previous_done | met | (n_iter >= max_iter) | (full & (not last_tier))
         return corr, scale, gap, primal, residual_sq, met, done
 
@@ -561,7 +568,13 @@ def solve_lasso(
                     residual,
                 )
             corr, scale, gap, primal, residual_sq, met, done = check(
-                codes, residual, n_iter, full=full, last_tier=last_tier, previous_done=s.done
+                codes,
+                residual,
+                n_iter,
+                exact=~fallback,
+                full=full,
+                last_tier=last_tier,
+                previous_done=s.done,
             )
             # No progress at alpha: the support did not change and the gap did not even halve
             # (a problem solved to its rounding floor, with no violator left to add).
@@ -601,7 +614,14 @@ def solve_lasso(
     no_iter = jnp.zeros((batch,), jnp.int32)
     false = jnp.zeros((batch,), bool)
     corr, scale, gap, primal, residual_sq, met, done = check(
-        zeros, x, no_iter, full=false, last_tier=True, previous_done=false, corr=alpha0
+        zeros,
+        x,
+        no_iter,
+        exact=~false,
+        full=false,
+        last_tier=True,
+        previous_done=false,
+        corr=alpha0,
     )
     state = _Outer(
         zeros,
