@@ -119,8 +119,12 @@ def follow_path(
     # A boundary approached this slowly (relative to the fastest penalty) is never reached.
     tiny = 100 * eps * jnp.max(speed, axis=1, keepdims=True)
     go = running & jnp.any(speed > 0, axis=1)
+    used = start.positions >= 0
+    safe = jnp.maximum(start.positions, 0)
     carry = (
         start,
+        jnp.zeros((batch, width), bool).at[rows[:, None], safe].max(used),  # active features
+        jnp.where(used, jnp.take_along_axis(speed, safe, axis=1), 0.0),  # the slots' speeds
         jnp.zeros((batch,), dtype),  # t
         # The feature that just left, not back at once across the bound it left by, stored
         # as its position + 1, negated when it left by -lam (0: none).
@@ -132,17 +136,14 @@ def follow_path(
     )
 
     def step(carry):
-        s, t, barred, go, finished, crowded, steps = carry
+        s, active, slot_speed, t, barred, go, finished, crowded, steps = carry
         used = s.signs != 0
-        safe = jnp.maximum(s.positions, 0)
         # d codes / dt on the active set keeps each active correlation at +-lam_j(t).
-        slot_speed = jnp.where(used, jnp.take_along_axis(speed, safe, axis=1), 0.0)
         direction = jnp.einsum("bij,bj->bi", s.inverse, s.signs * slot_speed)
         # One pass over the slots' Gram rows: the correlations and their rate of change.
         both = jnp.einsum("bkm,bmw->bkw", jnp.stack([s.codes, direction], 1), s.gram_rows)
         correlations = targets - both[:, 0]
         rate = both[:, 1]  # c(t + dt) = c - dt * rate
-        active = jnp.zeros((batch, width), bool).at[rows[:, None], safe].max(used)
         lam = penalties - t[:, None] * speed  # (batch, w) lam_j(t)
 
         # Entry: an inactive feature's correlation reaches +lam_j (or -lam_j).
@@ -161,9 +162,7 @@ def follow_path(
                 jnp.inf,
             )
         entering, dt_in = _first_min(jnp.maximum(jnp.minimum(upward, downward), 0.0))
-        entering_sign = jnp.where(
-            upward[rows, entering] <= downward[rows, entering], 1.0, -1.0
-        ).astype(dtype)
+        entering_sign = jnp.where((upward <= downward)[rows, entering], 1.0, -1.0).astype(dtype)
         # Exit: an active code reaches zero (at once for a zero code heading the wrong way).
         shrinking = used & (
             (s.codes * direction < 0) | ((s.codes == 0) & (s.signs * direction < 0))
@@ -211,6 +210,16 @@ def follow_path(
         leaves = (update & leave)[:, None] & leaving_slot
         signs = jnp.where(enters, entering_sign[:, None], jnp.where(leaves, 0.0, s.signs))
         positions = jnp.where(enters, entering[:, None], jnp.where(leaves, -1, s.positions))
+        left = update & leave
+        left_feature = s.positions[rows, leaving]
+        active = jnp.where(
+            (update & enter)[:, None] & (features == entering[:, None]),
+            True,
+            jnp.where(left[:, None] & (features == left_feature[:, None]), False, active),
+        )
+        slot_speed = jnp.where(
+            enters, speed[rows, entering][:, None], jnp.where(leaves, 0.0, slot_speed)
+        )
         now_used = signs != 0
         inverse = s.inverse + weight[:, None, None] * vector[:, :, None] * vector[:, None, :]
         inverse = jnp.where(now_used[:, :, None] & now_used[:, None, :], inverse, 0.0)
@@ -230,10 +239,12 @@ def follow_path(
         )
         return (
             moved,
+            active,
+            slot_speed,
             jnp.where(go, jnp.where(stop, 1.0, t + dt), t),
             jnp.where(
                 go & leave,
-                (s.positions[rows, leaving] + 1) * s.signs[rows, leaving].astype(jnp.int32),
+                (left_feature + 1) * s.signs[rows, leaving].astype(jnp.int32),
                 0,
             ),
             go & ~stop & ~blocked & (steps < max_steps),
@@ -242,7 +253,7 @@ def follow_path(
             steps,
         )
 
-    end, _, _, _, finished, crowded, steps = jax.lax.while_loop(
-        lambda carry: jnp.any(carry[3]), step, carry
+    end, *_, finished, crowded, steps = jax.lax.while_loop(
+        lambda carry: jnp.any(carry[5]), step, carry
     )
     return end, steps, finished, crowded
