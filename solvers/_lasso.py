@@ -197,6 +197,27 @@ for _settings in (ISTA, FISTA, Lasso):
 # ISTA / FISTA on all features
 
 
+def restarted_momentum(codes, point, new, momentum):
+    """FISTA's next (momentum, point) after the step ``point -> new`` from `codes`, restarted
+    (momentum 1, no extrapolation) when the step points uphill. Shapes (batch, m) and (batch,)."""
+    uphill = jnp.sum((point - new) * (new - codes), axis=1) > 0
+    t_next = jnp.where(uphill, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * momentum**2)))
+    beta = jnp.where(uphill, 0.0, (momentum - 1.0) / t_next)
+    return t_next, new + beta[:, None] * (new - codes)
+
+
+def advanced(state, moving, codes, point, momentum):
+    """A proximal-gradient state (fields codes, momentum_point, momentum, n_iter) after one
+    step, for the rows `moving` (batch,) bool only."""
+    keep = moving[:, None]
+    return state._replace(
+        codes=jnp.where(keep, codes, state.codes),
+        momentum_point=jnp.where(keep, point, state.momentum_point),
+        momentum=jnp.where(moving, momentum, state.momentum),
+        n_iter=state.n_iter + moving.astype(jnp.int32),
+    )
+
+
 class _PGState(NamedTuple):
     codes: jax.Array  # (batch, n_features)
     momentum_point: jax.Array  # (batch, n_features) y
@@ -255,19 +276,10 @@ def solve_proximal_gradient(
         y = s.momentum_point
         new = soft_threshold(y + step * correlations(y), alpha * step, positive)
         if accelerated:
-            uphill = jnp.sum((y - new) * (new - s.codes), axis=1) > 0
-            t_next = jnp.where(uphill, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
-            beta = jnp.where(uphill, 0.0, (s.momentum - 1.0) / t_next)
-            y_next = new + beta[:, None] * (new - s.codes)
+            t_next, y_next = restarted_momentum(s.codes, y, new, s.momentum)
         else:
             t_next, y_next = s.momentum, new
-        keep = active[:, None]
-        return s._replace(
-            codes=jnp.where(keep, new, s.codes),
-            momentum_point=jnp.where(keep, y_next, y),
-            momentum=jnp.where(active, t_next, s.momentum),
-            n_iter=s.n_iter + active.astype(jnp.int32),
-        )
+        return advanced(s, active, new, y_next, t_next)
 
     def body(s: _PGState) -> _PGState:
         s = jax.lax.fori_loop(0, CHECK_EVERY, step_once, s)
@@ -379,17 +391,8 @@ def solve_lasso(
             go = s.running & (s.n_iter < budget)
             y = s.momentum_point
             new = soft_threshold(y + step[:, None] * corr_of(y), threshold[:, None], positive)
-            uphill = jnp.sum((y - new) * (new - s.codes), axis=1) > 0
-            t_next = jnp.where(uphill, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.momentum**2)))
-            beta = jnp.where(uphill, 0.0, (s.momentum - 1.0) / t_next)
-            y_next = new + beta[:, None] * (new - s.codes)
-            keep = go[:, None]
-            return s._replace(
-                codes=jnp.where(keep, new, s.codes),
-                momentum_point=jnp.where(keep, y_next, y),
-                momentum=jnp.where(go, t_next, s.momentum),
-                n_iter=s.n_iter + go.astype(jnp.int32),
-            )
+            t_next, y_next = restarted_momentum(s.codes, y, new, s.momentum)
+            return advanced(s, go, new, y_next, t_next)
 
         def body(s: _Inner) -> _Inner:
             s = jax.lax.fori_loop(0, CHECK_EVERY, step_once, s)
