@@ -28,15 +28,12 @@ How the unfold route uses it (validate first, then submit; the closure solves an
         entry = registry.get(ref)
         activations, single = unfolding.activations_array(body.activations, entry.record.d_model)
         ...  # row limit
-        params = body.model_dump(exclude={"activations", "method", ...}, exclude_none=True)
-        try:  # bad parameters are refused here, before they can join a batch
-            solver_settings = solvers.make_settings(body.method, entry.prepared, **params)
-        except ValueError as error:
-            raise InvalidInput(str(error), code="invalid_parameter") from None
+        # bad parameters are refused here (422), before they can join a batch
+        settings = unfolding.solver_settings(entry, body)
         result = await batcher.submit(
-            (entry.record.id, solver_settings),
+            (entry.record.id, settings),
             activations,
-            lambda rows: unfolding.run(entry, rows, body.method, params),
+            lambda rows: unfolding.run(entry, rows, settings),
         )
         # `result` is an UnfoldResult for exactly this request's rows.
 

@@ -170,10 +170,10 @@ class Local:
         info["n_features"], info["d_model"] = prepared.atoms.shape
         validated = unfolding.validate(unfolding.PARAMS_ADAPTER, {"method": method, **params})
         method, kwargs = unfolding.solver_params(validated)
-        solvers.make_settings(method, prepared, **kwargs)  # parameter errors before any work
+        settings = solvers.make_settings(method, prepared, **kwargs)  # errors before any work
 
         def solve(rows: np.ndarray):
-            return solvers.unfold(rows, prepared, method=method, **kwargs)
+            return solvers.unfold(rows, prepared, method=settings)
 
         return solve, info
 

@@ -105,20 +105,17 @@ def solver_params(params) -> tuple[str, dict]:
     return fields.pop("method"), fields
 
 
-def run(entry: Entry, activations: np.ndarray, method: str, params: dict) -> solvers.UnfoldResult:
-    """Solve; parameter problems the solver finds (k > n_features, ...) become 422s."""
-    try:
-        return solvers.unfold(activations, entry.prepared, method=method, **params)
-    except ValueError as error:
-        raise InvalidInput(str(error), code="invalid_parameter") from None
+def run(entry: Entry, activations: np.ndarray, settings) -> solvers.UnfoldResult:
+    """Solve with `settings` from `solver_settings`."""
+    return solvers.unfold(activations, entry.prepared, method=settings)
 
 
 SETTINGS_CACHE_SIZE = 256
 """Most solver settings remembered per dictionary (`solver_settings`); then it starts over."""
 
 
-def solver_settings(entry: Entry, params) -> tuple[str, dict, Any]:
-    """(method, keyword arguments, `solvers.make_settings(...)`) for validated `params`.
+def solver_settings(entry: Entry, params):
+    """`solvers.make_settings(...)` for validated `params`; a bad value is a 422.
 
     Requests repeat their parameters, so the result is remembered per dictionary, keyed by the
     parameter values; parameters the solver refuses (k > n_features, ...) are a 422 each time.
@@ -139,7 +136,7 @@ def solver_settings(entry: Entry, params) -> tuple[str, dict, Any]:
             raise InvalidInput(str(error), code="invalid_parameter") from None
         if len(cache) >= SETTINGS_CACHE_SIZE:
             cache.clear()
-        cached = cache[key] = (method, kwargs, settings)
+        cached = cache[key] = settings
     return cached
 
 
@@ -154,9 +151,9 @@ async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher)
     before it can join a batch; then the rows go through the `batcher` (merged with concurrent
     requests of the same dictionary and settings when dynamic batching is on).
     """
-    method, kwargs, settings = solver_settings(entry, params)
+    settings = solver_settings(entry, params)
     return await batcher.submit(
-        (entry.record.id, settings), activations, lambda rows: run(entry, rows, method, kwargs)
+        (entry.record.id, settings), activations, lambda rows: run(entry, rows, settings)
     )
 
 

@@ -68,7 +68,7 @@ def make_settings(method: str, dictionary: Dictionary, **params):
 def unfold(
     activations,
     dictionary,
-    method: str = "omp",
+    method="omp",
     *,
     bias=None,
     dtype: str | None = None,
@@ -83,7 +83,9 @@ def unfold(
         activations: of shape (batch, d_model), or a single vector of shape (d_model,).
         dictionary: feature directions of shape (n_features, d_model), or a `Dictionary`
             from `prepare` (which holds the per-dictionary precomputation: reuse it).
-        method: one of `METHODS` ("omp", ...).
+        method: one of `METHODS` ("omp", ...), or settings from `make_settings` for this
+            dictionary (then no `params`): callers that solve many batches with the same
+            settings validate them once.
         bias: optional decoder bias of shape (d_model,) (only with a raw dictionary).
         dtype: "float32" or "float64"; None: a prepared dictionary's own, else "float32".
         chunk_rows, block_rows, streams: execution tuning: rows solved together (default
@@ -98,7 +100,15 @@ def unfold(
         ValueError: naming the bad shape, value or parameter.
     """
     dictionary = prepare(dictionary, bias, dtype=dtype)
-    settings = make_settings(method, dictionary, **params)
+    if isinstance(method, str):
+        settings = make_settings(method, dictionary, **params)
+    elif isinstance(method, tuple(METHODS.values())) and not params:
+        settings = method
+    else:
+        raise ValueError(
+            "method must be a name in METHODS (with its parameters), or settings from "
+            f"make_settings (alone), got {method!r} with parameters {sorted(params)}"
+        )
     x, single = check_activations(activations, dictionary.d_model, dictionary.dtype)
     if chunk_rows is not None:
         chunk_rows = check_positive_int("chunk_rows", chunk_rows)

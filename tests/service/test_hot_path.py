@@ -7,6 +7,7 @@ import inspect
 
 from fastapi.testclient import TestClient
 
+import solvers
 from service import Settings, create_app, dependencies, unfolding
 from service.demo import demo_dictionary
 from service.routes._direct import DirectRoute, DirectRoutes
@@ -74,12 +75,13 @@ def test_solver_settings_are_remembered_per_dictionary_and_parameters(client):
         unfolding.REQUEST_ADAPTER, {"activations": [0.0] * 16, "k": 2, "top": 1}
     )
     other = unfolding.validate(unfolding.REQUEST_ADAPTER, {"activations": ACTIVATION, "k": 3})
-    method, kwargs, settings = unfolding.solver_settings(entry, first)
-    assert (method, kwargs) == ("omp", {"k": 2})
-    assert unfolding.solver_settings(entry, again)[2] is settings  # output options do not count
-    assert unfolding.solver_settings(entry, other)[2] != settings
+    settings = unfolding.solver_settings(entry, first)
+    assert settings == solvers.make_settings("omp", entry.prepared, k=2)
+    assert unfolding.solver_settings(entry, again) is settings  # output options do not count
+    assert unfolding.solver_settings(entry, other) != settings
     lasso = unfolding.validate(unfolding.PARAMS_ADAPTER, {"method": "lasso", "alpha": 0.1})
-    assert unfolding.solver_settings(entry, lasso)[:2] == ("lasso", {"alpha": 0.1})
+    expected = solvers.make_settings("lasso", entry.prepared, alpha=0.1)
+    assert unfolding.solver_settings(entry, lasso) == expected
     assert len(entry.settings_cache) == 3
 
 

@@ -225,3 +225,15 @@ def test_a_prepared_dictionary_brings_its_dtype():
     assert solvers.unfold(np.ones(10), dictionary, k=2).values.dtype == np.float32
     with pytest.raises(ValueError, match="prepared as float64"):
         solvers.unfold(np.ones(10), prepared, k=2, dtype="float32")
+
+
+def test_settings_from_make_settings_stand_for_a_method(activations, dictionary):
+    prepared = solvers.prepare(dictionary)
+    settings = solvers.make_settings("lasso", prepared, alpha=0.1, positive=True)
+    by_settings = solvers.unfold(activations, prepared, method=settings)
+    by_name = solvers.unfold(activations, prepared, method="lasso", alpha=0.1, positive=True)
+    np.testing.assert_array_equal(by_settings.to_dense(), by_name.to_dense())
+    with pytest.raises(ValueError, match="make_settings"):
+        solvers.unfold(activations, prepared, method=settings, alpha=0.2)
+    with pytest.raises(ValueError, match="make_settings"):
+        solvers.unfold(activations, prepared, method=42)
