@@ -47,6 +47,8 @@ from ._proximal import (
     gap_floor,
     gap_met,
     padded_from_dense,
+    peak_correlation,
+    scale_from_peak,
     soft_threshold,
 )
 from ._result import ChunkSolution, Status
@@ -362,10 +364,10 @@ def solve_lasso(
         feature is past alpha: its correlation is known far better than the gap."""
         residual_sq = jnp.sum(residual * residual, axis=1)
         corr = residual @ atoms.T if corr is None else corr
-        scale = dual_scale(corr, alpha, positive)
+        peak = peak_correlation(corr, positive)
+        scale = scale_from_peak(peak, alpha)
         gap, primal = duality_gap(residual_sq, codes, corr, scale, alpha)
         floor = gap_floor(x_norm, jnp.abs(codes) @ dictionary.norms, dtype)
-        peak = jnp.max(corr if positive else jnp.abs(corr), axis=1)
         violated = exact & (peak > alpha * (1.0 + EXACT_SLACK))
         met = gap_met(gap, primal, jnp.where(violated, 0.0, floor), tol)
         done = previous_done | met | (n_iter >= max_iter) | (full & (not last_tier))
@@ -620,7 +622,7 @@ def solve_lasso(
         zeros,
         x,
         no_iter,
-        exact=~false,
+        exact=jnp.ones((batch,), bool),  # zero codes: exact until a feature passes alpha
         full=false,
         last_tier=True,
         previous_done=false,

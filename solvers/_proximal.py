@@ -36,7 +36,16 @@ def dual_scale(correlations: jax.Array, alpha, positive: bool) -> jax.Array:
 
     Only the features in `correlations` are checked: pass all of them for a global gap.
     """
-    peak = jnp.max(correlations if positive else jnp.abs(correlations), axis=-1)
+    return scale_from_peak(peak_correlation(correlations, positive), alpha)
+
+
+def peak_correlation(correlations: jax.Array, positive: bool) -> jax.Array:
+    """The largest (absolute, unless `positive`) correlation of each row, of shape (batch,)."""
+    return jnp.max(correlations if positive else jnp.abs(correlations), axis=-1)
+
+
+def scale_from_peak(peak: jax.Array, alpha) -> jax.Array:
+    """`dual_scale` from the rows' `peak_correlation`."""
     return jnp.where(peak <= alpha, 1.0, alpha / jnp.where(peak <= alpha, 1.0, peak))
 
 
