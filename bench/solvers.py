@@ -83,6 +83,11 @@ def lasso_objective(codes, dictionary, x, alpha) -> np.ndarray:
     return 0.5 * np.sum(residual**2, axis=1) + alpha * np.sum(np.abs(codes), axis=1)
 
 
+def quality(codes: np.ndarray, dictionary, x, truth) -> dict:
+    """The table's quality columns of `codes` against the true codes `truth`."""
+    return dict(rel_err=relative_error(codes, dictionary, x), f1=support_f1(codes, truth))
+
+
 def timed(function, repeats: int):
     """(median seconds over `repeats` calls, last result)."""
     times, result = [], None
@@ -253,6 +258,25 @@ def best_spams_coretypes(dictionary, x, codes, k, args) -> dict[str, str]:
     return chosen
 
 
+def spams_row(method: str, impl: str, peer: str, result: dict, **extra) -> dict:
+    """A table row from a SPAMS worker's `result`."""
+    fields = ("setup", "rows", "time", "rel_err", "f1")
+    return dict(method=method, impl=impl, peer=peer, **{f: result[f] for f in fields}, **extra)
+
+
+def sklearn_encode(dictionary, x, **params):
+    """scikit-learn's `sparse_encode` of `x` in float64 with a precomputed Gram matrix:
+    (set-up seconds, seconds, codes)."""
+    from sklearn.decomposition import sparse_encode
+
+    d64 = dictionary.astype(np.float64)
+    started = time.perf_counter()
+    gram = d64 @ d64.T
+    setup = time.perf_counter() - started
+    seconds, out = timed(lambda: sparse_encode(x.astype(np.float64), d64, gram=gram, **params), 1)
+    return setup, seconds, out
+
+
 def run_peers_omp(dictionary, codes, x, k, args, rows_out):
     try:
         import spams  # noqa: F401
@@ -271,31 +295,9 @@ def run_peers_omp(dictionary, codes, x, k, args, rows_out):
             wrong = r["f1"] < reference["f1"] - 1e-3 or r["rel_err"] > 1.01 * reference["rel_err"]
             if wrong:  # shown, but no ratio is taken against wrong answers
                 label = f"SPAMS omp {dtype} WRONG ANSWERS"
-            rows_out.append(
-                dict(
-                    method="omp",
-                    impl=label,
-                    peer="SPAMS (wrong)" if wrong else "SPAMS",
-                    setup=r["setup"],
-                    rows=r["rows"],
-                    time=r["time"],
-                    rel_err=r["rel_err"],
-                    f1=r["f1"],
-                )
-            )
-    from sklearn.decomposition import sparse_encode
-
+            rows_out.append(spams_row("omp", label, "SPAMS (wrong)" if wrong else "SPAMS", r))
     n = min(args.sklearn_rows, len(x))
-    d64 = dictionary.astype(np.float64)
-    started = time.perf_counter()
-    gram = d64 @ d64.T
-    setup = time.perf_counter() - started
-    seconds, out = timed(
-        lambda: sparse_encode(
-            x[:n].astype(np.float64), d64, algorithm="omp", n_nonzero_coefs=k, gram=gram
-        ),
-        1,
-    )
+    setup, seconds, out = sklearn_encode(dictionary, x[:n], algorithm="omp", n_nonzero_coefs=k)
     rows_out.append(
         dict(
             method="omp",
@@ -304,8 +306,7 @@ def run_peers_omp(dictionary, codes, x, k, args, rows_out):
             setup=setup,
             rows=n,
             time=seconds,
-            rel_err=relative_error(out, dictionary, x[:n]),
-            f1=support_f1(out, codes[:n]),
+            **quality(out, dictionary, x[:n], codes[:n]),
         )
     )
 
@@ -326,36 +327,10 @@ def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
             else:
                 obj = f"{np.mean((objective - spams_objective) / spams_objective):+.2e}"
             label = f"SPAMS lasso {dtype} ({r['threads']} thr, {coretype or 'auto'})"
-            rows_out.append(
-                dict(
-                    method="nn-lasso",
-                    impl=label,
-                    peer="SPAMS",
-                    setup=r["setup"],
-                    rows=r["rows"],
-                    time=r["time"],
-                    rel_err=r["rel_err"],
-                    f1=r["f1"],
-                    obj=obj,
-                )
-            )
-    from sklearn.decomposition import sparse_encode
-
+            rows_out.append(spams_row("nn-lasso", label, "SPAMS", r, obj=obj))
     n = min(args.sklearn_lasso_rows, len(x))
-    d64 = dictionary.astype(np.float64)
-    started = time.perf_counter()
-    gram = d64 @ d64.T
-    setup = time.perf_counter() - started
-    seconds, out = timed(
-        lambda: sparse_encode(
-            x[:n].astype(np.float64),
-            d64,
-            algorithm="lasso_lars",
-            alpha=alpha,
-            positive=True,
-            gram=gram,
-        ),
-        1,
+    setup, seconds, out = sklearn_encode(
+        dictionary, x[:n], algorithm="lasso_lars", alpha=alpha, positive=True
     )
     obj = ""
     if spams_objective is not None:
@@ -369,8 +344,7 @@ def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
             setup=setup,
             rows=n,
             time=seconds,
-            rel_err=relative_error(out, dictionary, x[:n]),
-            f1=support_f1(out, codes[:n]),
+            **quality(out, dictionary, x[:n], codes[:n]),
             obj=obj,
         )
     )
@@ -411,8 +385,7 @@ def run_p1(args) -> None:
                 setup=setup,
                 rows=batch,
                 time=seconds,
-                rel_err=relative_error(dense, dictionary, x),
-                f1=support_f1(dense, codes),
+                **quality(dense, dictionary, x, codes),
             )
         )
         compile_notes.append(
@@ -459,8 +432,7 @@ def run_p1(args) -> None:
                 setup=setup,
                 rows=lasso_batch,
                 time=seconds,
-                rel_err=relative_error(dense, pos_dictionary, pos_x),
-                f1=support_f1(dense, pos_codes),
+                **quality(dense, pos_dictionary, pos_x, pos_codes),
                 obj=obj,
             )
         )
@@ -513,8 +485,7 @@ def p2_worker(args) -> None:
         time=seconds,
         setup=setup,
         first=first,
-        rel_err=relative_error(dense, atoms, x),
-        f1=support_f1(dense, codes),
+        **quality(dense, atoms, x, codes),
         peak=peak_memory_bytes(),
         problem_bytes=base,
     )
@@ -534,8 +505,7 @@ def p2_worker(args) -> None:
         out.update(
             sk_rows=n,
             sk_time=sk_seconds,
-            sk_rel_err=relative_error(sk, atoms, x[:n]),
-            sk_f1=support_f1(sk, codes[:n]),
+            **{"sk_" + name: value for name, value in quality(sk, atoms, x[:n], codes[:n]).items()},
         )
     print(json.dumps(out))
 
