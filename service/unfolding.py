@@ -60,6 +60,12 @@ async def parse_request(request: Request, d_model: int) -> tuple[np.ndarray, Any
             f"unsupported Content-Type {content_type!r}; send application/json or {NPY}",
             code="unsupported_media_type",
         )
+    if request.query_params:  # they would be ignored: say so instead of solving otherwise
+        raise InvalidInput(
+            f"query parameter(s) {sorted(request.query_params)} apply to {NPY} bodies only; "
+            "with a JSON body, put them in the JSON object",
+            code="invalid_request",
+        )
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:

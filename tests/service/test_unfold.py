@@ -124,3 +124,14 @@ def test_row_limit(tmp_path):
         )
         assert response.status_code == 422
         assert response.json()["error"]["code"] == "too_many_rows"
+
+
+def test_query_parameters_with_a_json_body_are_refused_not_ignored(client):
+    activation = demo_dictionary()[0][3].tolist()
+    response = client.post(
+        "/v1/dictionaries/demo/unfold?method=lasso&alpha=0.01", json={"activations": activation}
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "['alpha', 'method']" in error["message"] and "JSON object" in error["message"]
