@@ -149,6 +149,30 @@ def select(correlations: jax.Array, inv_norms: jax.Array | None, positive: bool)
     return block * width + jnp.minimum(offset, width - 1), best
 
 
+# ----------------------------------------------------------------------------- stopping
+
+
+def _thresholds(x: jax.Array, tol) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(x_sq, exact_sq, tol_sq)`` for centred activations `x` of shape (batch, d_model): the
+    rows' squared norms and the squared residual below which a row is rounding noise (exactly
+    explained), both of shape (batch,), and the squared tolerance `tol`, a scalar."""
+    x_sq = jnp.sum(x * x, axis=1)
+    exact_sq = 10 * jnp.finfo(x.dtype).eps * x_sq
+    return x_sq, exact_sq, jnp.asarray(tol, x.dtype) ** 2
+
+
+def _initial_stop(x_sq: jax.Array) -> jax.Array:
+    """The loop's `stop` (a `Status` + 1 once a row has stopped, 0 while it runs) before the
+    first step, of shape (batch,): rows of squared norm `x_sq` zero are `Status.EXACT`."""
+    return jnp.where(x_sq == 0, Status.EXACT + 1, 0).astype(jnp.int32)
+
+
+def _final_status(stop: jax.Array, unfinished: Status) -> jax.Array:
+    """`Status` codes, int32 of shape (batch,), of the loop's final `stop`; rows still running
+    when the loop ended get `unfinished`."""
+    return jnp.where(stop == 0, unfinished, stop - 1).astype(jnp.int32)
+
+
 # ----------------------------------------------------------------------------- OMP
 
 
@@ -185,9 +209,7 @@ def solve_omp(
     rows = jnp.arange(batch)
     slots = jnp.arange(k)
 
-    x_sq = jnp.sum(x * x, axis=1)
-    exact_sq = 10 * eps * x_sq  # below this the residual is rounding noise
-    tol_sq = jnp.asarray(settings.tol, dtype) ** 2
+    x_sq, exact_sq, tol_sq = _thresholds(x, settings.tol)
     inv_norms = 1.0 / dictionary.norms
     alpha0 = alpha0 * inv_norms  # correlations with the unit-norm atoms
 
@@ -262,7 +284,7 @@ def solve_omp(
         projections=jnp.zeros((batch, k), dtype),
         indices=jnp.full((batch, k), -1, jnp.int32),
         residual_sq=x_sq,
-        stop=jnp.where(x_sq == 0, Status.EXACT + 1, 0).astype(jnp.int32),
+        stop=_initial_stop(x_sq),
     )
     if use_gram:
         # `stored` is [D x; G[S]] grown by a segment of rows at a time: step t multiplies by
@@ -280,7 +302,7 @@ def solve_omp(
     values = jnp.einsum("bij,bi->bj", state.inv_chol, state.projections)
     values = values * inv_norms[jnp.maximum(state.indices, 0)]  # in the dictionary's units
     n_iter = jnp.sum(state.indices >= 0, axis=1).astype(jnp.int32)
-    status = jnp.where(state.stop == 0, Status.CONVERGED, state.stop - 1).astype(jnp.int32)
+    status = _final_status(state.stop, Status.CONVERGED)
     return ChunkSolution(
         indices=state.indices,
         values=jnp.where(state.indices >= 0, values, 0.0),
@@ -372,9 +394,7 @@ def solve_nnomp(
     rows = jnp.arange(batch)
     slots = jnp.arange(k)
 
-    x_sq = jnp.sum(x * x, axis=1)
-    exact_sq = 10 * eps * x_sq
-    tol_sq = jnp.asarray(settings.tol, dtype) ** 2
+    x_sq, exact_sq, tol_sq = _thresholds(x, settings.tol)
     # Correlations of the support are zero up to rounding at a least-squares solution.
     tiny = 100 * eps * jnp.sqrt(x_sq)
     inv_norms = 1.0 / dictionary.norms
@@ -460,7 +480,7 @@ def solve_nnomp(
         active=jnp.zeros((batch, k), bool),
         indices=jnp.full((batch, k), -1, jnp.int32),
         n_iter=jnp.zeros((batch,), jnp.int32),
-        stop=jnp.where(x_sq == 0, Status.EXACT + 1, 0).astype(jnp.int32),
+        stop=_initial_stop(x_sq),
     )
     state, _ = jax.lax.while_loop(
         lambda carry: (carry[1] < 2 * k) & jnp.any(carry[0].stop == 0),
@@ -472,7 +492,7 @@ def solve_nnomp(
     active = jnp.take_along_axis(state.active, order, axis=1)
     indices = jnp.where(active, jnp.take_along_axis(state.indices, order, axis=1), -1)
     values = jnp.where(active, jnp.take_along_axis(state.coef, order, axis=1), 0.0)
-    status = jnp.where(state.stop == 0, Status.MAX_ITER, state.stop - 1).astype(jnp.int32)
+    status = _final_status(state.stop, Status.MAX_ITER)
     return ChunkSolution(
         indices=indices,
         values=values,
