@@ -65,27 +65,16 @@ def test_bias_twice_with_a_prepared_dictionary(activations, dictionary):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_activations(activations, dictionary, bad):
-    activations = activations.copy()
-    activations[1, 2] = bad
-    with pytest.raises(ValueError, match=r"activations contains 1 non-finite"):
-        omp(activations, dictionary)
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_dictionary(activations, dictionary, bad):
-    dictionary = dictionary.copy()
-    dictionary[4, 0] = bad
-    with pytest.raises(ValueError, match=r"dictionary contains 1 non-finite"):
-        omp(activations, dictionary)
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_bias(activations, dictionary, bad):
-    bias = np.zeros(D_MODEL)
-    bias[3] = bad
-    with pytest.raises(ValueError, match=r"bias contains 1 non-finite"):
-        omp(activations, dictionary, bias=bias)
+@pytest.mark.parametrize(
+    ("name", "where"), [("activations", (1, 2)), ("dictionary", (4, 0)), ("bias", (3,))]
+)
+def test_non_finite_input(activations, dictionary, name, where, bad):
+    arrays = {"activations": activations, "dictionary": dictionary, "bias": np.zeros(D_MODEL)}
+    arrays[name] = arrays[name].copy()
+    arrays[name][where] = bad
+    bias = arrays["bias"] if name == "bias" else None  # no bias unless it is the one spoiled
+    with pytest.raises(ValueError, match=rf"{name} contains 1 non-finite"):
+        omp(arrays["activations"], arrays["dictionary"], bias=bias)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
