@@ -88,6 +88,20 @@ def quality(codes: np.ndarray, dictionary, x, truth) -> dict:
     return dict(rel_err=relative_error(codes, dictionary, x), f1=support_f1(codes, truth))
 
 
+def table_row(method: str, impl: str, codes, dictionary, x, truth, *, setup, seconds, **extra):
+    """A table row for the `codes` of activations `x` (a row each) found in `seconds` after
+    `setup` seconds of set-up, with their quality against `truth`; `extra`: more columns."""
+    return dict(
+        method=method,
+        impl=impl,
+        setup=setup,
+        rows=len(x),
+        time=seconds,
+        **quality(codes, dictionary, x, truth),
+        **extra,
+    )
+
+
 def timed(function, repeats: int):
     """(median seconds over `repeats` calls, last result)."""
     times, result = [], None
@@ -264,9 +278,22 @@ def spams_row(method: str, impl: str, peer: str, result: dict, **extra) -> dict:
     return dict(method=method, impl=impl, peer=peer, **{f: result[f] for f in fields}, **extra)
 
 
-def sklearn_encode(dictionary, x, **params):
-    """scikit-learn's `sparse_encode` of `x` in float64 with a precomputed Gram matrix:
-    (set-up seconds, seconds, codes)."""
+def spams_runs(task: str, dictionary, x, codes, args, **params):
+    """SPAMS's results for `task`, float64 first, under the kernel chosen for each dtype in
+    `args.spams_coretype` (dtypes without one are skipped, failed runs too): yields
+    (dtype, table label, result)."""
+    for dtype in ("float64", "float32"):
+        if dtype not in args.spams_coretype:
+            continue
+        coretype = args.spams_coretype[dtype]
+        r = run_spams(task, dictionary, x, codes, args, coretype, dtype, **params)
+        if r is not None:
+            yield dtype, f"SPAMS {task} {dtype} ({r['threads']} thr, {coretype or 'auto'})", r
+
+
+def sklearn_row(method: str, impl: str, dictionary, x, truth, **params):
+    """scikit-learn's `sparse_encode` of `x` in float64 with a precomputed Gram matrix (its
+    set-up): (table row, codes)."""
     from sklearn.decomposition import sparse_encode
 
     d64 = dictionary.astype(np.float64)
@@ -274,7 +301,8 @@ def sklearn_encode(dictionary, x, **params):
     gram = d64 @ d64.T
     setup = time.perf_counter() - started
     seconds, out = timed(lambda: sparse_encode(x.astype(np.float64), d64, gram=gram, **params), 1)
-    return setup, seconds, out
+    row = table_row(method, impl, out, dictionary, x, truth, setup=setup, seconds=seconds)
+    return {**row, "peer": "sklearn"}, out
 
 
 def run_peers_omp(dictionary, codes, x, k, args, rows_out):
@@ -284,70 +312,48 @@ def run_peers_omp(dictionary, codes, x, k, args, rows_out):
         print("SPAMS not installed (pip install spams-bin): skipped")
         args.spams_coretype = {}
     reference = None
-    for dtype in ("float64", "float32"):
-        if dtype not in args.spams_coretype:
-            continue
-        coretype = args.spams_coretype[dtype]
-        r = run_spams("omp", dictionary, x, codes, args, coretype, dtype, k=k)
-        if r is not None:
-            label = f"SPAMS omp {dtype} ({r['threads']} thr, {coretype or 'auto'})"
-            reference = reference or r
-            wrong = r["f1"] < reference["f1"] - 1e-3 or r["rel_err"] > 1.01 * reference["rel_err"]
-            if wrong:  # shown, but no ratio is taken against wrong answers
-                label = f"SPAMS omp {dtype} WRONG ANSWERS"
-            rows_out.append(spams_row("omp", label, "SPAMS (wrong)" if wrong else "SPAMS", r))
+    for dtype, label, r in spams_runs("omp", dictionary, x, codes, args, k=k):
+        reference = reference or r
+        wrong = r["f1"] < reference["f1"] - 1e-3 or r["rel_err"] > 1.01 * reference["rel_err"]
+        if wrong:  # shown, but no ratio is taken against wrong answers
+            label = f"SPAMS omp {dtype} WRONG ANSWERS"
+        rows_out.append(spams_row("omp", label, "SPAMS (wrong)" if wrong else "SPAMS", r))
     n = min(args.sklearn_rows, len(x))
-    setup, seconds, out = sklearn_encode(dictionary, x[:n], algorithm="omp", n_nonzero_coefs=k)
-    rows_out.append(
-        dict(
-            method="omp",
-            impl="scikit-learn sparse_encode omp",
-            peer="sklearn",
-            setup=setup,
-            rows=n,
-            time=seconds,
-            **quality(out, dictionary, x[:n], codes[:n]),
-        )
+    impl = "scikit-learn sparse_encode omp"
+    row, _ = sklearn_row(
+        "omp", impl, dictionary, x[:n], codes[:n], algorithm="omp", n_nonzero_coefs=k
     )
+    rows_out.append(row)
 
 
 def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
     spams_objective = None
     # float64 first: its objective is the reference of the last column.
-    for dtype in ("float64", "float32"):
-        if dtype not in args.spams_coretype:
-            continue
-        coretype = args.spams_coretype[dtype]
-        r = run_spams("lasso", dictionary, x, codes, args, coretype, dtype, alpha=alpha)
-        if r is not None:
-            objective = np.array(r["objective"])
-            obj = "0"
-            if spams_objective is None:
-                spams_objective = objective
-            else:
-                obj = f"{np.mean((objective - spams_objective) / spams_objective):+.2e}"
-            label = f"SPAMS lasso {dtype} ({r['threads']} thr, {coretype or 'auto'})"
-            rows_out.append(spams_row("nn-lasso", label, "SPAMS", r, obj=obj))
+    for _, label, r in spams_runs("lasso", dictionary, x, codes, args, alpha=alpha):
+        objective = np.array(r["objective"])
+        obj = "0"
+        if spams_objective is None:
+            spams_objective = objective
+        else:
+            obj = f"{np.mean((objective - spams_objective) / spams_objective):+.2e}"
+        rows_out.append(spams_row("nn-lasso", label, "SPAMS", r, obj=obj))
     n = min(args.sklearn_lasso_rows, len(x))
-    setup, seconds, out = sklearn_encode(
-        dictionary, x[:n], algorithm="lasso_lars", alpha=alpha, positive=True
+    impl = "scikit-learn sparse_encode lasso_lars"
+    row, out = sklearn_row(
+        "nn-lasso",
+        impl,
+        dictionary,
+        x[:n],
+        codes[:n],
+        algorithm="lasso_lars",
+        alpha=alpha,
+        positive=True,
     )
     obj = ""
     if spams_objective is not None:
         mine = lasso_objective(out, dictionary, x[:n], alpha)
         obj = f"{np.mean((mine - spams_objective[:n]) / spams_objective[:n]):+.2e}"
-    rows_out.append(
-        dict(
-            method="nn-lasso",
-            impl="scikit-learn sparse_encode lasso_lars",
-            peer="sklearn",
-            setup=setup,
-            rows=n,
-            time=seconds,
-            **quality(out, dictionary, x[:n], codes[:n]),
-            obj=obj,
-        )
-    )
+    rows_out.append({**row, "obj": obj})
     return spams_objective
 
 
@@ -378,15 +384,9 @@ def run_p1(args) -> None:
             lambda: solvers.unfold(x, prepared, method="omp", k=k), args.repeats
         )
         dense = result.to_dense()
+        impl = "Unfold omp float32 (Gram path)"
         rows.append(
-            dict(
-                method="omp",
-                impl="Unfold omp float32 (Gram path)",
-                setup=setup,
-                rows=batch,
-                time=seconds,
-                **quality(dense, dictionary, x, codes),
-            )
+            table_row("omp", impl, dense, dictionary, x, codes, setup=setup, seconds=seconds)
         )
         compile_notes.append(
             f"omp k={k}, first call on {batch} rows: {first:.1f} s "
@@ -425,14 +425,17 @@ def run_p1(args) -> None:
                 f"lasso objective against SPAMS float64, relative: mean {np.mean(excess):+.2e}, "
                 f"max {np.max(excess):+.2e}, rows above 1e-4: {int(np.sum(excess > 1e-4))}"
             )
+        impl = "Unfold lasso float32 (positive)"
         rows.append(
-            dict(
-                method="nn-lasso",
-                impl="Unfold lasso float32 (positive)",
+            table_row(
+                "nn-lasso",
+                impl,
+                dense,
+                pos_dictionary,
+                pos_x,
+                pos_codes,
                 setup=setup,
-                rows=lasso_batch,
-                time=seconds,
-                **quality(dense, pos_dictionary, pos_x, pos_codes),
+                seconds=seconds,
                 obj=obj,
             )
         )
