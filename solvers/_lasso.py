@@ -27,7 +27,9 @@ below the rounding noise of the dtype, see `gap_floor`), MAX_ITER otherwise.
   slots) are finished by restarted FISTA on the working set's Gram block, with a step from
   its Gershgorin bound. The working set has static capacity: 128 features (64 active) first,
   then ``2 * max_nonzero`` for the rows whose support fills it (a `lax.cond` skips the large
-  tier when no row of a chunk needs it).
+  tier when no row of a chunk needs it). The working set's candidates come from a few
+  min-passes over blocks of features rather than ``lax.top_k`` over all of them (see
+  `smallest`).
 """
 
 from __future__ import annotations
@@ -336,6 +338,49 @@ class _Inner(NamedTuple):
     running: jax.Array  # (batch,) bool
 
 
+BLOCK = 64
+"""`smallest`: features per block of its first, per-block selection..."""
+PER_BLOCK = 4
+"""... and how many of each block's smallest go on to the final selection."""
+
+
+def smallest(priority: jax.Array, forced: jax.Array, width: int) -> jax.Array:
+    """`width` features of each row: those of `forced` (batch, f) int32 (-1: none), then those of
+    smallest `priority` (batch, n_features), without repeats (unordered).
+
+    ``lax.top_k`` over all features costs more on a CPU than the product with the dictionary
+    that precedes it, so when the blocks leave enough candidates the choice is made among the
+    `PER_BLOCK` smallest of each block of `BLOCK` features (found by as many min-passes, in
+    order of index on ties): the same features unless a block holds more than `PER_BLOCK` of
+    them, when the next best take their places. A working set only needs good candidates: the
+    global duality gap, not the working set, certifies the solution.
+    """
+    batch, n = priority.shape
+    rows = jnp.arange(batch)[:, None]
+    used = forced >= 0
+    n_blocks = n // BLOCK
+    if n % BLOCK or PER_BLOCK * n_blocks < 2 * width + forced.shape[1]:
+        priority = priority.at[rows, jnp.maximum(forced, 0)].min(jnp.where(used, -jnp.inf, jnp.inf))
+        return jax.lax.top_k(-priority, width)[1]
+    # Forced features are candidates of their own, so they take no block's place.
+    blocks = priority.at[rows, jnp.maximum(forced, 0)].max(jnp.where(used, jnp.inf, -jnp.inf))
+    blocks = blocks.reshape(batch, n_blocks, BLOCK)
+    offsets = jnp.arange(BLOCK, dtype=jnp.int32)
+    values, indices = [], []
+    for _ in range(PER_BLOCK):
+        best = jnp.min(blocks, axis=2)
+        index = jnp.min(jnp.where(blocks == best[..., None], offsets, BLOCK), axis=2)
+        blocks = jnp.where(offsets == index[..., None], jnp.inf, blocks)
+        values.append(best)
+        indices.append(index)
+    starts = jnp.arange(n_blocks, dtype=jnp.int32) * BLOCK
+    candidates = jnp.concatenate(
+        [jnp.where(used, forced, 0)] + [starts + jnp.minimum(i, BLOCK - 1) for i in indices], 1
+    )
+    values = jnp.concatenate([jnp.where(used, -jnp.inf, jnp.inf)] + values, axis=1)
+    return jnp.take_along_axis(candidates, jax.lax.top_k(-values, width)[1], axis=1)
+
+
 def solve_lasso(
     settings: Lasso, dictionary: Dictionary, x: jax.Array, correlations: jax.Array | None = None
 ) -> ChunkSolution:
@@ -428,8 +473,8 @@ def solve_lasso(
                 return jnp.take_along_axis((dense @ atoms) @ atoms.T, block, axis=1)
             return jnp.einsum("bw,bwv->bv", c, block)
 
-        def body(carry: tuple[_Outer, PathState, jax.Array, jax.Array]):
-            s, current, level, fallback = carry
+        def body(carry: tuple[_Outer, PathState, jax.Array, jax.Array, jax.Array]):
+            s, current, level, fallback, previous = carry
             active = ~s.done
             signed = s.correlations if positive else jnp.abs(s.correlations)
             priority = jnp.where(  # no penalty (s = 0): rank by correlation alone
@@ -437,13 +482,17 @@ def solve_lasso(
                 (alpha - s.scale[:, None] * signed) / dictionary.norms,
                 -signed / dictionary.norms,
             )
-            # The support (and the path's active set) always belong to the working set.
+            # The support always belongs to the working set: on the path's rows it is the
+            # path's active set; on FISTA's, it lies in the previous working set.
             priority = jnp.where(s.codes != 0, -jnp.inf, priority)
-            priority = priority.at[rows, jnp.maximum(current.positions, 0)].min(
-                jnp.where(current.positions >= 0, -jnp.inf, jnp.inf)
+            in_previous = jnp.take_along_axis(s.codes, jnp.maximum(previous, 0), axis=1)
+            support = jnp.where((previous >= 0) & (in_previous != 0), previous, -1)
+            path_set = jnp.pad(
+                current.positions, ((0, 0), (0, width - capacity)), constant_values=-1
             )
+            forced = jnp.where(fallback[:, None], support, path_set)
             # In index order: Gram entries are then gathered along increasing addresses.
-            working_set = jnp.sort(jax.lax.top_k(-priority, width)[1], axis=1)  # (batch, w)
+            working_set = jnp.sort(smallest(priority, forced, width), axis=1)
             codes_w = jnp.take_along_axis(s.codes, working_set, axis=1)
             b_w = jnp.take_along_axis(alpha0, working_set, axis=1)
             sub = None if use_gram or block_free else atoms[working_set]  # (batch, w, d_model)
@@ -602,7 +651,7 @@ def solve_lasso(
                 n_iter=n_iter,
                 outer=s.outer + 1,
             )
-            return state, current, level, fallback
+            return state, current, level, fallback, working_set
 
         start = start._replace(outer=jnp.zeros((), jnp.int32))
         carry = (
@@ -610,6 +659,7 @@ def solve_lasso(
             empty_path(batch, capacity, width, dtype),
             jnp.full((batch,), jnp.inf, dtype),
             jnp.zeros((batch,), bool),
+            jnp.full((batch, width), -1, jnp.int32),  # no previous working set
         )
         return jax.lax.while_loop(
             lambda c: jnp.any(~c[0].done) & (c[0].outer < MAX_OUTER), body, carry

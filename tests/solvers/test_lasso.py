@@ -345,3 +345,74 @@ def test_diagnostics_of_wide_codes_match_a_direct_computation(gram):
     np.testing.assert_allclose(result.residual_norm, np.linalg.norm(residual, axis=1), rtol=1e-4)
     norms = np.linalg.norm(activations - bias, axis=1)
     np.testing.assert_allclose(result.relative_error, result.residual_norm / norms, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Working-set selection
+
+
+def reference_smallest(priority, forced, width, block, per_block):
+    """`_lasso.smallest` in numpy: the forced features, then the smallest priorities among the
+    `per_block` smallest of each block (forced ones excluded; ties by index)."""
+    chosen = []
+    for p, f in zip(priority, forced, strict=True):
+        f = [int(i) for i in f if i >= 0]
+        p = p.astype(np.float64).copy()
+        p[f] = np.inf
+        candidates = []
+        for start in range(0, len(p), block):
+            order = np.argsort(p[start : start + block], kind="stable")[:per_block]
+            candidates += [start + int(i) for i in order if p[start + i] < np.inf]
+        candidates.sort(key=lambda i: (p[i], i))
+        chosen.append(set(f) | set(candidates[: width - len(f)]))
+    return chosen
+
+
+@pytest.mark.parametrize("n_features", [8192, 512], ids=["blocks", "top_k"])
+def test_working_set_holds_the_forced_and_the_best_features(n_features):
+    from solvers import _lasso
+
+    rng = np.random.default_rng(3)
+    batch, width, slots = 6, 128, 64
+    priority = rng.standard_normal((batch, n_features)).astype(np.float32)
+    priority[:, :40] = -np.inf  # a support outside the slots: ranked first
+    forced = np.full((batch, slots), -1, np.int32)
+    for row, n_used in enumerate([0, 13, 26, 39, 52, 64]):  # slots in use, anywhere
+        used = rng.choice(n_features, n_used, replace=False)
+        forced[row, rng.choice(slots, len(used), replace=False)] = used
+    # A crowded block: its 10 smallest priorities are the row's best, more than PER_BLOCK.
+    priority[:, 128:138] = -10.0 - np.arange(10)
+    got = np.asarray(_lasso.smallest(jax.numpy.asarray(priority), jax.numpy.asarray(forced), width))
+    for row in range(batch):
+        assert len(set(got[row])) == width  # no repeats
+        assert set(forced[row][forced[row] >= 0]) <= set(got[row])
+    if n_features == 512:  # too few blocks: exact top_k
+        for row in range(batch):
+            f = set(forced[row][forced[row] >= 0])
+            p = priority[row].copy()
+            p[list(f)] = -np.inf
+            assert set(got[row]) == set(np.argsort(p, kind="stable")[:width])
+    else:
+        want = reference_smallest(priority, forced, width, _lasso.BLOCK, _lasso.PER_BLOCK)
+        assert [set(g) for g in got] == want
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_lasso_on_a_dictionary_large_enough_for_block_selection(positive):
+    # 6144 features: the working sets come from the per-block candidates (see
+    # `_lasso.smallest`); the solution must still be sklearn's.
+    dictionary, _, activations = sparse_problem(
+        6144, 128, 4, 12, noise=0.02, seed=31, positive=positive
+    )
+    result = solvers.unfold(
+        activations, dictionary, method="lasso", alpha=ALPHA, positive=positive, dtype="float64"
+    )
+    np.testing.assert_array_equal(result.status, Status.CONVERGED)
+    ours = objective(result.to_dense(), activations, dictionary, ALPHA)
+    theirs = objective(
+        sklearn_lasso(dictionary, activations, ALPHA, positive, lars=True),
+        activations,
+        dictionary,
+        ALPHA,
+    )
+    assert np.all(ours <= theirs + 1e-6 * theirs)
