@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -12,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
 from .auth import PUBLIC_PATHS, APIKeyMiddleware
+from .background import BackgroundWork
 from .batching import Batcher, enable_compilation_cache, warmup
 from .demo import DEMO_NAME, demo_dictionary
 from .errors import install_error_handlers
@@ -26,8 +28,13 @@ from .store import DictionaryStore
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_WAIT_SECONDS = 120.0
+"""Shutdown waits this long for background threads (loading, warm-up) to stop."""
 
-def start_loading(registry: Registry, settings: Settings) -> threading.Thread:
+
+def start_loading(
+    registry: Registry, settings: Settings, background: BackgroundWork
+) -> threading.Thread:
     """In the background: load and verify the stored dictionaries, seed the demo on an empty
     store, compile the default programs; then the registry, hence `/readyz`, is ready."""
 
@@ -44,15 +51,13 @@ def start_loading(registry: Registry, settings: Settings) -> threading.Thread:
                 log.info("registered the demo dictionary %r", DEMO_NAME)
             if settings.warmup:  # compile the default method's batch buckets ahead of requests
                 for entry in registry.entries():
-                    warmup(entry, settings.max_batch_size)
+                    warmup(entry, settings.max_batch_size, stop=background.stopping)
             registry.ready.set()
         except Exception:
             log.exception("loading dictionaries failed")
             raise
 
-    thread = threading.Thread(target=load, name="unfold-loader", daemon=True)
-    thread.start()
-    return thread
+    return background.start("unfold-loader", load)
 
 
 ROUTERS = (health.router, dictionaries.router, info.router, metrics.router, oip.router)
@@ -69,9 +74,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             enable_compilation_cache(settings.data_dir / "jax-cache")
         if app.state.batcher.closed:  # the app is started again
             app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
-        app.state.loader = start_loading(app.state.registry, settings)
+            app.state.background = BackgroundWork()
+        app.state.loader = start_loading(app.state.registry, settings, app.state.background)
         yield
         await app.state.batcher.close()
+        # At most one compilation to wait for (warm-up checks `stopping` between them).
+        await asyncio.to_thread(app.state.background.stop, SHUTDOWN_WAIT_SECONDS)
 
     app = FastAPI(
         title="Unfold",
@@ -85,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.metrics = Metrics()
     app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
+    app.state.background = BackgroundWork()
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -49,6 +49,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -397,15 +398,19 @@ def bucket_sizes(max_batch_size: int, block_rows: int = 1024) -> list[int]:
     return [1 << i for i in range((top - 1).bit_length() + 1)]
 
 
-def warmup(entry, max_batch_size: int, *, k: int = 8) -> int:
+def warmup(entry, max_batch_size: int, *, k: int = 8, stop: threading.Event | None = None) -> int:
     """Compile the default method's programs (OMP, `k` atoms) for every batch bucket up to
-    `max_batch_size`, for one registry `Entry`. Returns the number of sizes compiled."""
+    `max_batch_size`, for one registry `Entry`, unless `stop` is set first (then the entry is
+    not marked warm). Returns the number of sizes compiled."""
     import solvers
 
     record = entry.record
     sizes = bucket_sizes(max_batch_size)
     started = time.perf_counter()
-    for size in sizes:
+    for done, size in enumerate(sizes):
+        if stop is not None and stop.is_set():
+            log.info("warm-up of %s stopped after %d of %d sizes", record.name, done, len(sizes))
+            return done
         zeros = np.zeros((size, record.d_model), np.float32)
         solvers.unfold(zeros, entry.prepared, method="omp", k=min(k, record.n_features))
     log.info("warmed %s for %s rows in %.1f s", record.name, sizes, time.perf_counter() - started)

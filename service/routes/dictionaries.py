@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -131,9 +129,10 @@ async def create_dictionary(request: Request, registry: RegistryDep, settings: S
     registration = await read_registration(request)
     entry, created = await run_in_threadpool(lambda: registry.register(**registration))
     if created and settings.warmup:  # compile its default programs before the first request
-        threading.Thread(
-            target=warmup, args=(entry, settings.max_batch_size), name="unfold-warmup", daemon=True
-        ).start()
+        background = request.app.state.background
+        background.start(
+            "unfold-warmup", warmup, entry, settings.max_batch_size, stop=background.stopping
+        )
     return unfolding.JSONResponse(
         describe(entry).model_dump(mode="json"), status_code=201 if created else 200
     )

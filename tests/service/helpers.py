@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,10 +71,15 @@ def serve(data_dir, port: int | None = None, *, env=None, headers=None, timeout:
         finally:
             process.terminate()
             try:
-                process.wait(timeout=20)
+                status = process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+                pytest.fail(f"server did not stop on SIGTERM: {read_log(data_dir)[-2000:]}")
+            # uvicorn shuts down gracefully, then re-raises the signal: -SIGTERM is a clean exit
+            # (an abort inside native code would be -SIGABRT).
+            if status not in (0, -signal.SIGTERM):
+                pytest.fail(f"server exited with {status} on SIGTERM: {read_log(data_dir)[-2000:]}")
 
 
 def server_log(data_dir) -> str:

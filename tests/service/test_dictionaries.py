@@ -163,3 +163,17 @@ def test_unknown_route_and_method_render_the_error_format(client):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     wrong = client.put("/v1/dictionaries")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_warm_up_asked_to_stop_compiles_nothing_and_is_not_warm(tmp_path):
+    import threading
+
+    from service.batching import warmup
+
+    with running_client(tmp_path, warmup=False) as client:
+        entry = client.app.state.registry.get("demo")
+        stop = threading.Event()
+        stop.set()
+        assert warmup(entry, 16, stop=stop) == 0
+        assert not entry.warm.is_set()
+        assert warmup(entry, 16, stop=threading.Event()) == 5 and entry.warm.is_set()
