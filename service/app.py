@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             enable_compilation_cache(settings.data_dir / "jax-cache")
         if app.state.batcher.closed:  # the app is started again
             app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
+        if app.state.background.stopping.is_set():  # likewise
             app.state.background = BackgroundWork()
         app.state.loader = start_loading(app.state.registry, settings, app.state.background)
         yield

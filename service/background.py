@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,10 @@ class BackgroundWork:
     def stop(self, timeout: float) -> None:
         """Ask every thread to stop and wait up to `timeout` seconds in all."""
         self.stopping.set()
+        deadline = time.monotonic() + timeout
         with self._lock:
             threads = list(self._threads)
         for thread in threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
             if thread.is_alive():  # the interpreter will still wait for it at exit
                 log.warning("background thread %s still running at shutdown", thread.name)

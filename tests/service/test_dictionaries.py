@@ -177,3 +177,21 @@ def test_warm_up_asked_to_stop_compiles_nothing_and_is_not_warm(tmp_path):
         assert warmup(entry, 16, stop=stop) == 0
         assert not entry.warm.is_set()
         assert warmup(entry, 16, stop=threading.Event()) == 5 and entry.warm.is_set()
+
+
+def test_an_app_started_again_loads_and_warms_again(tmp_path):
+    # Shutdown stops the app's batcher and background threads; a second start gets new ones.
+    from fastapi.testclient import TestClient
+
+    from service import Settings, create_app
+
+    app = create_app(Settings(data_dir=tmp_path))
+    for _ in range(2):
+        with TestClient(app) as client:
+            app.state.loader.join(timeout=60)
+            assert not app.state.background.stopping.is_set()
+            assert client.get("/readyz").status_code == 200
+            assert client.get("/v1/dictionaries/demo").json()["warm"]
+            response = client.post("/v1/dictionaries/demo/unfold", json={"activations": [1.0] * 16})
+            assert response.status_code == 200, response.text
+        assert app.state.background.stopping.is_set()

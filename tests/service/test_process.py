@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_exit_during_warm_up_does_not_abort(tmp_path):
             """
         )
     )
-    repository = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    repository = str(Path(__file__).resolve().parents[2])
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
         capture_output=True,
