@@ -76,6 +76,7 @@ def server(batching: bool, max_batch_size: int):
             "UNFOLD_BATCHING": str(batching).lower(),
             "UNFOLD_MAX_BATCH_SIZE": str(max_batch_size),
             "UNFOLD_LOG_LEVEL": "warning",
+            "UNFOLD_MAX_BODY_BYTES": str(1 << 30),  # room for large dictionaries' uploads
         }
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=subprocess.DEVNULL

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
         0.0,
         ge=0,
         description="Longest a request waits for others to join its batch. 0: none; batches "
-        "still form from the requests that arrive while the previous batch is solved.",
+        "still form from the requests that arrive while the previous batch is solved, and "
+        "from a burst of requests already received.",
     )
     max_queue_rows: int = Field(
         4096,

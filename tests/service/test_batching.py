@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import solvers
-from service.batching import Batcher, bucket_sizes, slice_result
+from service.batching import SETTLE_TURNS, Batcher, batch_rows, bucket_sizes, slice_result
 from service.demo import demo_dictionary
 from service.errors import Overloaded, Timeout
 from service.metrics import Metrics
@@ -84,6 +84,63 @@ def test_batches_respect_max_batch_size_and_big_requests_run_alone():
     results = run(main())
     assert [c.shape[0] for c in solve.calls] == [6, 3, 20, 1]
     assert [r.doubled.shape[0] for r in results] == sizes
+
+
+def test_requests_arriving_turn_after_turn_join_one_batch():
+    """No wait is configured, yet requests still arriving on the next turns of the event loop
+    (a burst being parsed) join the batch instead of the first being solved alone."""
+    solve = Recorder()
+
+    async def main():
+        batcher = Batcher(max_batch_size=64, max_wait_ms=0)
+
+        async def after(turns: int, rows: np.ndarray):
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            return await batcher.submit("k", rows, solve)
+
+        try:
+            burst = [after(i, rows_of(1, i)) for i in range(10)]
+            # One more request, after the burst and more quiet turns than the batcher waits.
+            late = after(10 + SETTLE_TURNS + 2, rows_of(1, 99))
+            return await asyncio.gather(*burst, late)
+        finally:
+            await batcher.close()
+
+    results = run(main())
+    assert [c.shape[0] for c in solve.calls] == [10, 1]
+    np.testing.assert_array_equal(results[-1].doubled, 2 * rows_of(1, 99))
+
+
+def test_rows_just_over_a_power_of_two_leave_the_rest_to_the_next_batch():
+    solve = Recorder()
+
+    async def main():
+        batcher = Batcher(max_batch_size=256)
+        try:
+            return await asyncio.gather(
+                *(batcher.submit("k", rows_of(1, i), solve) for i in range(33))
+            )
+        finally:
+            await batcher.close()
+
+    results = run(main())
+    assert [c.shape[0] for c in solve.calls] == [32, 1]  # not one call padded to 64 rows
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.doubled, 2 * rows_of(1, i))
+
+
+@pytest.mark.parametrize(
+    ("waiting", "taken"),
+    [
+        (0, 0), (1, 1), (3, 3), (9, 9), (16, 16),  # small: a call's own cost dominates
+        (17, 16), (20, 16), (24, 24),  # 24 fill 32 well enough
+        (33, 32), (47, 32), (48, 32), (49, 49), (64, 64), (65, 64),
+        (129, 128), (200, 200), (300, 256), (1000, 256),  # at most max_batch_size
+    ],
+)  # fmt: skip
+def test_batch_rows_avoids_padding_a_batch_to_twice_its_size(waiting, taken):
+    assert batch_rows(waiting, 256) == taken
 
 
 def test_different_keys_are_not_merged():
