@@ -8,6 +8,11 @@
     python bench/service.py            # full run (a few minutes)
     python bench/service.py --quick    # small smoke run
     python bench/service.py --single-only --single-repeats 5   # (a) alone, more repeats
+    python bench/service.py --n-features 24576 --d-model 768   # GPT-2 small SAE's shape:
+                                                               # the matrix-free path
+
+After each measurement the bench waits until the server has nothing queued or running (requests
+the load generator left behind), so one measurement's backlog does not slow the next.
 
 Every figure is a median over repeats where repeated; numbers from a shared 2-core machine are
 noisy: read the ratios. The load of (a) comes from `wrk` (Debian package `wrk`) when it is on
@@ -158,6 +163,20 @@ def percentile(values: list[float], q: float) -> float:
 WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
+def wait_idle(base: str, limit_s: float = 300) -> None:
+    """Wait until the server has no rows queued or being solved: requests a load generator
+    left behind (unbatched ones are solved even after their client has gone) must not take
+    CPU from the next measurement, on either server."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        text = httpx.get(base + "/metrics", timeout=30).text
+        depth = re.findall(r"^unfold_queue_depth\{[^}]*\} ([\d.e+-]+)$", text, flags=re.M)
+        if sum(float(value) for value in depth) == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{base} still busy after {limit_s:g} s")
+
+
 def wrk_load(url: str, body: dict, concurrency: int, seconds: int) -> tuple[float, float, float]:
     """(requests/s, p50 s, p99 s) of `wrk` posting `body` as JSON with `concurrency`
     connections for `seconds`; non-2xx answers make it fail."""
@@ -235,6 +254,7 @@ def bench_single(args, dictionary, activations) -> None:
                             percentile(latencies, 99),
                         )
                     samples.setdefault((batching, concurrency), []).append(sample)
+                    wait_idle(base)
     header = (
         f"{'batching':>8} {'conc':>5} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'rows/s range':>14}"

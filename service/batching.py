@@ -68,6 +68,9 @@ R = TypeVar("R")
 
 SETTLE_TURNS = 3
 """Turns of the event loop without a new request after which a batch is taken (`_fill`)."""
+SETTLE_LIMIT_S = 0.05
+"""... and the longest a batch waits for requests still arriving: enough for the event loop of
+a 2-core machine to receive a burst of about a hundred single-vector requests."""
 CALL_COST_ROWS = 8
 """A solver call's fixed cost in rows of work (`batch_rows`): on this 2-core CPU, OMP k=32
 costs about 4 ms + 0.56 ms a row on the Gram path (8192 x 512), i.e. ~7 rows, and more on the
@@ -125,6 +128,8 @@ class Batcher:
         retry_after_s: the Retry-After of 429 answers.
         threads: worker threads for solver calls (shared by all keys).
         metrics: a `service.metrics.Metrics` to record batch sizes, solver time and queue depth.
+        settle_limit_s: longest a batch waits, after `max_wait_ms`, for requests that keep
+            arriving (see `_fill`).
     """
 
     def __init__(
@@ -138,10 +143,12 @@ class Batcher:
         retry_after_s: int = 1,
         threads: int = 2,
         metrics=None,
+        settle_limit_s: float = SETTLE_LIMIT_S,
     ):
         self.enabled = enabled
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
+        self.settle_limit_s = settle_limit_s
         self.max_queue_rows = max_queue_rows
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
@@ -308,34 +315,39 @@ class Batcher:
     async def _fill(self, queue: _Queue) -> None:
         """Let the next batch fill up before it is taken: until `max_batch_size` rows wait, for
         at most `max_wait_s` after the oldest request arrived, then for as long as requests
-        keep arriving from one turn of the event loop to the next (requests already received
-        join at the cost of a few turns, instead of waiting a whole solve for the next batch:
-        after a batch ends, its callers' next requests arrive in a burst)."""
+        keep arriving from one turn of the event loop to the next, at most `settle_limit_s`
+        (requests already received join at the cost of a few turns, instead of waiting a whole
+        solve for the next batch: after a batch ends, its callers' next requests arrive in a
+        burst)."""
         deadline = queue.pending[0].arrived + self.max_wait_s
+        settle_until = None
         quiet_turns = 0
         while queue.pending and queue.waiting_rows < self.max_batch_size:
             before = queue.waiting_rows
-            remaining = deadline - time.monotonic()
-            if remaining > 0:
+            now = time.monotonic()
+            if now < deadline:
                 queue.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(queue.wakeup.wait(), remaining)
+                    await asyncio.wait_for(queue.wakeup.wait(), deadline - now)
                 continue
-            if quiet_turns >= SETTLE_TURNS:
+            settle_until = settle_until or now + self.settle_limit_s
+            if quiet_turns >= SETTLE_TURNS or now >= settle_until:
                 return
             await asyncio.sleep(0)
             quiet_turns = 0 if queue.waiting_rows > before else quiet_turns + 1
 
     def _take(self, queue: _Queue) -> list[_Request]:
-        """The oldest requests totalling at most `batch_rows` rows (at least one)."""
+        """The oldest requests totalling at most `batch_rows` rows, or if whole requests fill
+        no more than half of that (a large request next in line), at most `max_batch_size`
+        rows; always at least one request."""
         limit = batch_rows(queue.waiting_rows, self.max_batch_size)
-        batch, rows = [], 0
-        while queue.pending and (not batch or rows + queue.pending[0].n <= limit):
-            request = queue.pending.popleft()
+        count, rows = _leading(queue.pending, limit)
+        if limit < self.max_batch_size and 2 * rows <= limit:
+            count, _ = _leading(queue.pending, self.max_batch_size)
+        batch = [queue.pending.popleft() for _ in range(count)]
+        for request in batch:
             queue.waiting_rows -= request.n
             request.state = "running"
-            batch.append(request)
-            rows += request.n
         return batch
 
     async def _solve_batch(self, key: Hashable, queue: _Queue, batch: list[_Request]) -> None:
@@ -402,6 +414,18 @@ class Batcher:
                 self.metrics.batch_size.observe(rows.shape[0])
                 self.metrics.rows.inc(rows.shape[0])
                 self.metrics.solver_seconds.observe(time.perf_counter() - started)
+
+
+def _leading(pending: collections.deque, limit: int) -> tuple[int, int]:
+    """(count, rows) of the first requests of `pending` totalling at most `limit` rows (at
+    least one request)."""
+    count = rows = 0
+    for request in pending:
+        if count and rows + request.n > limit:
+            break
+        count += 1
+        rows += request.n
+    return count, rows
 
 
 def batch_rows(waiting: int, max_batch_size: int) -> int:

@@ -130,6 +130,45 @@ def test_rows_just_over_a_power_of_two_leave_the_rest_to_the_next_batch():
         np.testing.assert_array_equal(result.doubled, 2 * rows_of(1, i))
 
 
+def test_a_large_request_next_in_line_is_not_left_for_a_lone_small_one():
+    """33 rows would be trimmed to 32, but whole requests [1, 32] then give a 1-row call and a
+    32-row one: worse than one call of 33."""
+    solve = Recorder()
+
+    async def main():
+        batcher = Batcher(max_batch_size=256)
+        try:
+            return await asyncio.gather(
+                batcher.submit("k", rows_of(1, 0), solve),
+                batcher.submit("k", rows_of(32, 1), solve),
+            )
+        finally:
+            await batcher.close()
+
+    run(main())
+    assert [c.shape[0] for c in solve.calls] == [33]
+
+
+def test_waiting_for_a_burst_is_bounded_in_time():
+    solve = Recorder()
+
+    async def main():
+        batcher = Batcher(max_batch_size=64, settle_limit_s=0.0)
+
+        async def after(turns: int):
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            return await batcher.submit("k", rows_of(1, turns), solve)
+
+        try:
+            return await asyncio.gather(*(after(i) for i in range(10)))
+        finally:
+            await batcher.close()
+
+    run(main())
+    assert solve.calls[0].shape[0] < 10 and sum(c.shape[0] for c in solve.calls) == 10
+
+
 @pytest.mark.parametrize(
     ("waiting", "taken"),
     [
