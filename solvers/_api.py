@@ -125,10 +125,11 @@ def unfold(
     return result
 
 
-def padded_rows(n_rows: int, chunk_rows: int, block_rows: int) -> int:
+def padded_rows(n_rows: int, chunk_rows: int, block_rows: int, min_rows: int = 1) -> int:
     """Rows of the compiled call for a (partial) block: a power of two times `chunk_rows`, or
-    for fewer rows than a chunk, a power of two (a single row is solved alone)."""
-    n_rows = max(1, min(n_rows, block_rows))
+    for fewer rows than a chunk, a power of two, at least `min_rows` (1: a single row is solved
+    alone)."""
+    n_rows = max(1, min_rows, min(n_rows, block_rows))
     if n_rows <= chunk_rows:
         return min(chunk_rows, 1 << (n_rows - 1).bit_length())
     chunks = -(-n_rows // chunk_rows)
@@ -156,10 +157,11 @@ def solve(
         streams = default_streams(dictionary)
     n_rows = x.shape[0]
     block_rows = max(chunk_rows, block_rows - block_rows % chunk_rows)
+    min_rows = getattr(settings, "gram_min_rows", 1) if dictionary.gram is not None else 1
     parts = []
     for start in range(0, max(n_rows, 1), block_rows):
         block = x[start : start + block_rows]
-        rows = padded_rows(block.shape[0], chunk_rows, block_rows)
+        rows = padded_rows(block.shape[0], chunk_rows, block_rows, min(min_rows, chunk_rows))
         chunk = min(chunk_rows, rows)
         # A power of two of sequences that divides the (power of two) number of chunks.
         n_streams = 1 << (min(streams, rows // chunk).bit_length() - 1)

@@ -140,6 +140,23 @@ def test_padded_rows_buckets():
         1024,
         1024,
     ]
+    assert [padded_rows(n, 8, 1024, min_rows=2) for n in (1, 2, 3, 9)] == [2, 2, 4, 16]
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_a_lone_row_padded_on_the_gram_path_equals_its_row_in_a_batch(positive):
+    """OMP solves a lone row padded to two rows on the Gram path (`gram_min_rows`): the answer
+    is that row's, with nothing of the padding."""
+    dictionary, _, activations = sparse_problem(512, 64, 5, 6, noise=0.01, seed=8)
+    prepared = solvers.prepare(dictionary)
+    assert prepared.gram is not None
+    batch = solvers.unfold(activations, prepared, k=6, positive=positive)
+    for i, row in enumerate(activations):
+        alone = solvers.unfold(row[None], prepared, k=6, positive=positive)
+        assert alone.indices.shape == (1, 6)
+        np.testing.assert_array_equal(alone.indices[0], batch.indices[i])
+        np.testing.assert_allclose(alone.values[0], batch.values[i], atol=1e-6)
+        np.testing.assert_allclose(alone.residual_norm[0], batch.residual_norm[i], rtol=1e-5)
 
 
 # ------------------------------------------------------------------ non-negative OMP
