@@ -337,9 +337,10 @@ class Batcher:
             quiet_turns = 0 if queue.waiting_rows > before else quiet_turns + 1
 
     def _take(self, queue: _Queue) -> list[_Request]:
-        """The oldest requests totalling at most `batch_rows` rows, or if whole requests fill
-        no more than half of that (a large request next in line), at most `max_batch_size`
-        rows; always at least one request."""
+        """The oldest requests totalling at most `batch_rows` rows; but if whole requests fill
+        no more than half of that (a large request next in line), that call would be mostly
+        padding and fixed cost: then at most `max_batch_size` rows. Always at least one
+        request."""
         limit = batch_rows(queue.waiting_rows, self.max_batch_size)
         count, rows = _leading(queue.pending, limit)
         if limit < self.max_batch_size and 2 * rows <= limit:
@@ -428,7 +429,7 @@ def _leading(pending: collections.deque, limit: int) -> tuple[int, int]:
     return count, rows
 
 
-def batch_rows(waiting: int, max_batch_size: int) -> int:
+def batch_rows(waiting: int, max_batch_size: int, block_rows: int = 1024) -> int:
     """How many of `waiting` rows to solve in the next batch: all of them (at most
     `max_batch_size`), unless they just overflow a power of two.
 
@@ -436,9 +437,12 @@ def batch_rows(waiting: int, max_batch_size: int) -> int:
     as 64. With a call costing about `CALL_COST_ROWS` rows of work besides its rows, solving
     the 32 now and the rest with the next batch is cheaper, even if nothing else arrives, when
     ``32 - padded(rest) > CALL_COST_ROWS``; under load the rest joins rows that arrive
-    meanwhile and nothing is wasted.
+    meanwhile and nothing is wasted. Batches of `block_rows` or more are not trimmed: the
+    solver runs them as blocks of `block_rows` and pads only the last one.
     """
     rows = min(waiting, max_batch_size)
+    if rows >= block_rows:
+        return rows
     bucket = 1 << (rows.bit_length() - 1) if rows > 0 else 0
     rest = rows - bucket
     if rest and bucket - (1 << (rest - 1).bit_length()) > CALL_COST_ROWS:

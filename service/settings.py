@@ -37,9 +37,10 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         0.0,
         ge=0,
-        description="Longest a request waits for others to join its batch. 0: none; batches "
-        "still form from the requests that arrive while the previous batch is solved, and "
-        "from a burst of requests already received.",
+        description="How long a batch waits for requests to join it. 0: none; batches "
+        "still form from the requests that arrive while the previous batch is solved. After "
+        "it, a batch also waits while requests keep arriving (a burst already received), at "
+        "most 50 ms more.",
     )
     max_queue_rows: int = Field(
         4096,

@@ -131,8 +131,8 @@ def test_rows_just_over_a_power_of_two_leave_the_rest_to_the_next_batch():
 
 
 def test_a_large_request_next_in_line_is_not_left_for_a_lone_small_one():
-    """33 rows would be trimmed to 32, but whole requests [1, 32] then give a 1-row call and a
-    32-row one: worse than one call of 33."""
+    """33 rows would be trimmed to 32, but whole requests [1, 32] would then give a call for the
+    1-row request alone, mostly fixed cost: one call of 33 solves more rows per unit of work."""
     solve = Recorder()
 
     async def main():
@@ -169,6 +169,30 @@ def test_waiting_for_a_burst_is_bounded_in_time():
     assert solve.calls[0].shape[0] < 10 and sum(c.shape[0] for c in solve.calls) == 10
 
 
+def test_a_continuous_stream_of_requests_does_not_hold_a_batch_back_forever():
+    """Requests arriving every turn for 0.3 s: the first batch starts after `settle_limit_s`
+    (0.02 s), long before the stream ends or fills `max_batch_size`."""
+    solve = Recorder()
+
+    async def main():
+        batcher = Batcher(max_batch_size=1_000_000, settle_limit_s=0.02)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 0.3
+        tasks = []
+        try:
+            while loop.time() < end:
+                tasks.append(asyncio.ensure_future(batcher.submit("k", rows_of(1, 0), solve)))
+                await asyncio.sleep(0)
+            await asyncio.gather(*tasks)
+            return len(tasks)
+        finally:
+            await batcher.close()
+
+    total = run(main())
+    assert len(solve.calls) >= 2 and solve.calls[0].shape[0] < total
+    assert sum(c.shape[0] for c in solve.calls) == total
+
+
 @pytest.mark.parametrize(
     ("waiting", "taken"),
     [
@@ -180,6 +204,13 @@ def test_waiting_for_a_burst_is_bounded_in_time():
 )  # fmt: skip
 def test_batch_rows_avoids_padding_a_batch_to_twice_its_size(waiting, taken):
     assert batch_rows(waiting, 256) == taken
+
+
+def test_batch_rows_leaves_batches_of_whole_blocks_alone():
+    """The solver pads only the last block of `block_rows`: no trimming past one block."""
+    assert batch_rows(1500, 4096, block_rows=1024) == 1500
+    assert batch_rows(1000, 4096, block_rows=1024) == 1000  # 1000 fills 1024 well
+    assert batch_rows(520, 4096, block_rows=1024) == 512
 
 
 def test_different_keys_are_not_merged():

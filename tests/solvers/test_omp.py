@@ -9,7 +9,7 @@ from scipy.optimize import nnls
 from sklearn.linear_model import orthogonal_mp
 
 import solvers
-from solvers import Status
+from solvers import Status, _api
 from solvers._api import padded_rows
 from solvers._omp import select
 from tests.conftest import sparse_problem
@@ -144,15 +144,24 @@ def test_padded_rows_buckets():
 
 
 @pytest.mark.parametrize("positive", [False, True])
-def test_a_lone_row_padded_on_the_gram_path_equals_its_row_in_a_batch(positive):
+def test_a_lone_row_padded_on_the_gram_path_equals_its_row_in_a_batch(positive, monkeypatch):
     """OMP solves a lone row padded to two rows on the Gram path (`gram_min_rows`): the answer
     is that row's, with nothing of the padding."""
     dictionary, _, activations = sparse_problem(512, 64, 5, 6, noise=0.01, seed=8)
     prepared = solvers.prepare(dictionary)
     assert prepared.gram is not None
     batch = solvers.unfold(activations, prepared, k=6, positive=positive)
+    solved_rows = []
+    solve_block = _api._solve_block
+
+    def spy(settings, dictionary, x, *args):
+        solved_rows.append(x.shape[0])
+        return solve_block(settings, dictionary, x, *args)
+
+    monkeypatch.setattr(_api, "_solve_block", spy)
     for i, row in enumerate(activations):
         alone = solvers.unfold(row[None], prepared, k=6, positive=positive)
+        assert solved_rows.pop() == 2
         assert alone.indices.shape == (1, 6)
         np.testing.assert_array_equal(alone.indices[0], batch.indices[i])
         np.testing.assert_allclose(alone.values[0], batch.values[i], atol=1e-6)
