@@ -39,6 +39,7 @@ import time
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 # This folder holds bench/solvers.py: put the repository first so `solvers` is the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -170,8 +171,13 @@ def wait_idle(base: str, limit_s: float = 300) -> None:
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         text = httpx.get(base + "/metrics", timeout=30).text
-        depth = re.findall(r"^unfold_queue_depth\{[^}]*\} ([\d.e+-]+)$", text, flags=re.M)
-        if sum(float(value) for value in depth) == 0:
+        depth = sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "unfold_queue_depth"
+            for sample in family.samples
+        )
+        if depth == 0:
             return
         time.sleep(0.1)
     raise RuntimeError(f"{base} still busy after {limit_s:g} s")

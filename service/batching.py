@@ -60,6 +60,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+import solvers
+
 from .errors import Overloaded, Timeout
 
 log = logging.getLogger(__name__)
@@ -323,7 +325,6 @@ class Batcher:
         settle_until = None
         quiet_turns = 0
         while queue.pending and queue.waiting_rows < self.max_batch_size:
-            before = queue.waiting_rows
             now = time.monotonic()
             if now < deadline:
                 queue.wakeup.clear()
@@ -333,6 +334,7 @@ class Batcher:
             settle_until = settle_until or now + self.settle_limit_s
             if quiet_turns >= SETTLE_TURNS or now >= settle_until:
                 return
+            before = queue.waiting_rows
             await asyncio.sleep(0)
             quiet_turns = 0 if queue.waiting_rows > before else quiet_turns + 1
 
@@ -429,7 +431,9 @@ def _leading(pending: collections.deque, limit: int) -> tuple[int, int]:
     return count, rows
 
 
-def batch_rows(waiting: int, max_batch_size: int, block_rows: int = 1024) -> int:
+def batch_rows(
+    waiting: int, max_batch_size: int, block_rows: int = solvers.DEFAULT_BLOCK_ROWS
+) -> int:
     """How many of `waiting` rows to solve in the next batch: all of them (at most
     `max_batch_size`), unless they just overflow a power of two.
 
@@ -455,7 +459,7 @@ def _retrieve(future) -> None:
         future.exception()
 
 
-def bucket_sizes(max_batch_size: int, block_rows: int = 1024) -> list[int]:
+def bucket_sizes(max_batch_size: int, block_rows: int = solvers.DEFAULT_BLOCK_ROWS) -> list[int]:
     """Batch sizes to compile ahead for batches of up to `max_batch_size` rows: the powers of
     two up to the first one >= min(max_batch_size, block_rows).
 
@@ -471,8 +475,6 @@ def warmup(entry, max_batch_size: int, *, k: int = 8, stop: threading.Event | No
     """Compile the default method's programs (OMP, `k` atoms) for every batch bucket up to
     `max_batch_size`, for one registry `Entry`, unless `stop` is set first (then the entry is
     not marked warm). Returns the number of sizes compiled."""
-    import solvers
-
     record = entry.record
     sizes = bucket_sizes(max_batch_size)
     started = time.perf_counter()

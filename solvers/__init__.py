@@ -9,7 +9,7 @@ model is ``x = codes @ dictionary + bias``.
     >>> result.to_dense()  # (batch, n_features)
 """
 
-from ._api import METHODS, make_settings, unfold
+from ._api import DEFAULT_BLOCK_ROWS, METHODS, make_settings, unfold
 from ._dictionary import DEFAULT_GRAM_BUDGET_BYTES, Dictionary, gram_bytes, prepare
 from ._lasso import FISTA, ISTA, Lasso
 from ._omp import OMP
@@ -17,6 +17,7 @@ from ._result import STATUS_MESSAGES, Status, UnfoldResult
 from ._validation import check_dictionary
 
 __all__ = [
+    "DEFAULT_BLOCK_ROWS",
     "DEFAULT_GRAM_BUDGET_BYTES",
     "FISTA",
     "ISTA",

@@ -127,9 +127,9 @@ def unfold(
 
 def padded_rows(n_rows: int, chunk_rows: int, block_rows: int, min_rows: int = 1) -> int:
     """Rows of the compiled call for a (partial) block: a power of two times `chunk_rows`, or
-    for fewer rows than a chunk, a power of two, at least `min_rows` (1: a single row is solved
-    alone)."""
-    n_rows = max(1, min_rows, min(n_rows, block_rows))
+    for fewer rows than a chunk, a power of two, at least `min_rows` (at most a chunk; 1: a single
+    row is solved alone)."""
+    n_rows = max(1, min(min_rows, chunk_rows), min(n_rows, block_rows))
     if n_rows <= chunk_rows:
         return min(chunk_rows, 1 << (n_rows - 1).bit_length())
     chunks = -(-n_rows // chunk_rows)
@@ -161,7 +161,7 @@ def solve(
     parts = []
     for start in range(0, max(n_rows, 1), block_rows):
         block = x[start : start + block_rows]
-        rows = padded_rows(block.shape[0], chunk_rows, block_rows, min(min_rows, chunk_rows))
+        rows = padded_rows(block.shape[0], chunk_rows, block_rows, min_rows)
         chunk = min(chunk_rows, rows)
         # A power of two of sequences that divides the (power of two) number of chunks.
         n_streams = 1 << (min(streams, rows // chunk).bit_length() - 1)
