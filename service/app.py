@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from . import __version__
 from .auth import PUBLIC_PATHS, APIKeyMiddleware
 from .background import BackgroundWork
-from .batching import Batcher, enable_compilation_cache, warmup
+from .batching import Batcher, enable_compilation_cache, settle_heap, warmup
 from .demo import DEMO_NAME, demo_dictionary
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
@@ -52,6 +52,7 @@ def start_loading(
             if settings.warmup:  # compile the default method's batch buckets ahead of requests
                 for entry in registry.entries():
                     warmup(entry, settings.max_batch_size, stop=background.stopping)
+            settle_heap()
             registry.ready.set()
         except Exception:
             log.exception("loading dictionaries failed")

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import time
+import weakref
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 
 import solvers
-from service.batching import SETTLE_TURNS, Batcher, batch_rows, bucket_sizes, slice_result
+from service.batching import (
+    SETTLE_TURNS,
+    Batcher,
+    batch_rows,
+    bucket_sizes,
+    settle_heap,
+    slice_result,
+)
 from service.demo import demo_dictionary
 from service.errors import Overloaded, Timeout
 from service.metrics import Metrics
@@ -409,3 +419,39 @@ def test_start_up_warm_up_compiles_every_program_a_default_request_needs(tmp_pat
             "/v1/dictionaries/odd/unfold", json={"activations": [[1.0] * 11] * 3, "k": 3}
         )
         assert response.status_code == 200 and compiled() > before
+
+
+class _Node:
+    """A garbage-collected object that can reference itself (a cycle)."""
+
+
+def test_settle_heap_collects_garbage_cycles_and_freezes_the_survivors():
+    survivor, garbage = _Node(), _Node()
+    survivor.me, garbage.me = survivor, garbage  # two cycles: only `survivor` is referenced
+    dead = weakref.ref(garbage)
+    del garbage
+    settle_heap()
+    assert dead() is None  # collected first, not frozen
+    assert not any(o is survivor for o in gc.get_objects())  # out of every generation
+    survivor.me = None  # a frozen object is still freed by reference counting
+    alive = weakref.ref(survivor)
+    del survivor
+    assert alive() is None
+
+
+def test_the_loaded_app_and_a_warmed_dictionary_settle_the_heap(tmp_path):
+    """The objects of start-up and of a registration's warm-up leave the collector's care, so
+    a full collection does not scan them (see `settle_heap`)."""
+    from tests.service.conftest import running_client
+
+    gc.unfreeze()
+    with running_client(tmp_path, max_batch_size=4) as client:  # loaded and warmed: the demo
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        created = client.post("/v1/dictionaries", json={"name": "w", "directions": [[1, 0]]})
+        assert created.status_code == 201, created.text
+        deadline = time.monotonic() + 120
+        while not client.get("/v1/dictionaries/w").json()["warm"]:
+            assert time.monotonic() < deadline, "never warmed"
+            time.sleep(0.05)
+        assert gc.get_freeze_count() > 0
