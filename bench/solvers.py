@@ -23,7 +23,7 @@ d_model=2304, k=64, batch 256) in a subprocess, with its peak memory (VmHWM).
     python bench/solvers.py --p2        # and P2 (--p2-only: P2 alone)
     python bench/solvers.py --quick     # small smoke run
 
-Unfold runs one chunk sequence per core (see `solvers._api.default_streams`); peers get their
+Unfold runs one call per core at once (see `solvers._api.default_streams`); peers get their
 best thread count. SPAMS runs in subprocesses without the host's OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE, under the OpenBLAS kernel it is fastest with: the OpenBLAS bundled with
 spams-bin does not recognise recent CPUs (Zen 4 falls back to the generic "Prescott" kernel,

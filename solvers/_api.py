@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 
@@ -27,7 +28,7 @@ CHUNK_BYTES = 64 << 20
 (every step multiplies the chunk by the whole dictionary: more rows use the product better)."""
 MAX_CHUNK_ROWS = 256
 MAX_STREAMS = 8
-"""Each stream is a copy of the solver's loop in the compiled program: bounded for compile time."""
+"""Most calls solved at once (`default_streams`)."""
 
 
 def default_chunk_rows(dictionary: Dictionary, settings=None) -> int:
@@ -42,11 +43,12 @@ def default_chunk_rows(dictionary: Dictionary, settings=None) -> int:
 
 
 def default_streams(dictionary: Dictionary) -> int:
-    """Independent chunk sequences per compiled call. XLA's CPU runtime runs independent loops
-    side by side, so on a CPU the Gram path runs one sequence per core; elsewhere (GPU/TPU),
-    and on the matrix-free path whose products are multithreaded already, one. (Since jaxlib
-    0.10 the CPU runtime also splits single ops across threads, and one sequence comes close:
-    P1 OMP, 4096 rows, 1491-1636 rows/s against 1491-1709 with two.)"""
+    """Calls solved at once, each from its own thread. XLA's CPU runtime runs separate calls
+    side by side but not the independent loops of one call (jaxlib 0.10), and its splitting
+    of single ops across threads leaves cores idle in the solvers' small steps; so on a CPU
+    the Gram path runs one call per core (P1, interleaved runs: OMP 1668-1937 rows/s against
+    1506-1616 in one call, non-negative LASSO 1055-1087 against 566-739). Elsewhere (GPU/TPU),
+    and on the matrix-free path whose products use every core already, one."""
     if dictionary.gram is None or jax.default_backend() != "cpu":
         return 1
     try:
@@ -90,8 +92,9 @@ def unfold(
         bias: optional decoder bias of shape (d_model,) (only with a raw dictionary).
         dtype: "float32" or "float64"; None: a prepared dictionary's own, else "float32".
         chunk_rows, block_rows, streams: execution tuning: rows solved together (default
-            `default_chunk_rows`), rows per compiled call, independent chunk sequences per
-            call (default `default_streams`: one per CPU core on the Gram path).
+            `default_chunk_rows`), rows in flight at once (at most ``block_rows // streams``
+            per call), calls solved at once, each from its own thread (default
+            `default_streams`: one per CPU core on the Gram path).
         **params: the method's settings, e.g. ``k`` and ``tol`` for "omp".
 
     Returns:
@@ -137,6 +140,20 @@ def padded_rows(n_rows: int, chunk_rows: int, block_rows: int, min_rows: int = 1
     return chunk_rows * (1 << (chunks - 1).bit_length())
 
 
+def split_rows(n_rows: int, chunk_rows: int, block_rows: int, streams: int) -> list[range]:
+    """The rows of each call for a batch of `n_rows`: full calls of ``block_rows // streams``
+    rows (a multiple of `chunk_rows`), then the rest split evenly into as many calls as keep a
+    chunk each, at most `streams` (so that even a small batch keeps every stream busy)."""
+    per_call = max(chunk_rows, block_rows // streams // chunk_rows * chunk_rows)
+    full = n_rows // per_call * per_call
+    rest = n_rows - full
+    pieces = min(streams, -(-rest // chunk_rows))
+    starts = [*range(0, full, per_call), *(full + rest * i // pieces for i in range(pieces))]
+    if not starts:  # no rows: one empty call (padded to a row) gives empty results
+        return [range(0)]
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], n_rows], strict=True)]
+
+
 def solve(
     settings,
     dictionary: Dictionary,
@@ -148,45 +165,48 @@ def solve(
 ) -> UnfoldResult:
     """Run validated `settings` on validated activations `x` of shape (batch, d_model).
 
-    Batches are cut into blocks of `block_rows` and the last one is padded (`padded_rows`), so
-    any batch size reuses a handful of compiled programs. Each block runs as `streams`
-    independent sequences of chunks of `chunk_rows` rows.
+    The batch is cut into calls (`split_rows`), each padded (`padded_rows`) so that any batch
+    size reuses a handful of compiled programs; `streams` calls run at once, each from its own
+    thread (JAX releases the GIL while a call runs).
     """
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(dictionary, settings)
     if streams is None:
         streams = default_streams(dictionary)
-    n_rows = x.shape[0]
     block_rows = max(chunk_rows, block_rows - block_rows % chunk_rows)
     min_rows = getattr(settings, "gram_min_rows", 1) if dictionary.gram is not None else 1
-    parts = []
-    for start in range(0, max(n_rows, 1), block_rows):
-        block = x[start : start + block_rows]
-        rows = padded_rows(block.shape[0], chunk_rows, block_rows, min_rows)
-        chunk = min(chunk_rows, rows)
-        # A power of two of sequences that divides the (power of two) number of chunks.
-        n_streams = 1 << (min(streams, rows // chunk).bit_length() - 1)
-        padded = np.zeros((rows, x.shape[1]), x.dtype)
-        padded[: block.shape[0]] = block
-        out = _solve_block(settings, dictionary, jnp.asarray(padded), chunk, n_streams)
-        parts.append((out, block.shape[0]))  # dispatched asynchronously; gathered below
-    fields = [
-        np.concatenate([np.asarray(out[i])[:n] for out, n in parts])
-        for i in range(len(parts[0][0]))
-    ]
+
+    def run(rows: range) -> list[np.ndarray]:
+        padded = np.zeros(
+            (padded_rows(len(rows), chunk_rows, block_rows, min_rows), x.shape[1]), x.dtype
+        )
+        padded[: len(rows)] = x[rows.start : rows.stop]
+        with precision(dictionary.dtype):  # thread-local: entered by each thread
+            out = _solve_block(
+                settings, dictionary, jnp.asarray(padded), min(chunk_rows, padded.shape[0])
+            )
+            return [np.asarray(field)[: len(rows)] for field in out]
+
+    calls = split_rows(x.shape[0], chunk_rows, block_rows, streams)
+    if len(calls) == 1:
+        parts = [run(calls[0])]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(streams, len(calls))) as pool:
+            parts = list(pool.map(run, calls))
+    fields = [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
     return UnfoldResult(*fields, n_features=dictionary.n_features)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int, streams: int):
-    """Solve a block of activations (batch, d_model), batch % (chunk_rows * streams) == 0, as
-    `streams` independent `lax.map`s over chunks (XLA runs independent loops concurrently).
+@functools.partial(jax.jit, static_argnums=(3,))
+def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int):
+    """Solve activations (batch, d_model), batch % chunk_rows == 0, chunk after chunk
+    (`lax.map`).
 
     `settings` is a pytree: its float fields (tol, alpha) are traced, the rest is static, so
     one program serves every penalty and tolerance.
 
     A method whose settings have ``uses_correlations = True`` gets, on the Gram path,
-    ``correlations=chunk @ atoms.T`` computed for the whole block in one product.
+    ``correlations=chunk @ atoms.T`` computed for all the rows in one product.
     """
     centred = x - dictionary.bias
     d_model = centred.shape[1]
@@ -203,19 +223,14 @@ def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int
         checks = diagnostics(dictionary, chunk, sol)
         return (*sol[:2], *checks, sol.n_iter, sol.status, sol.duality_gap)
 
-    chunks = centred.reshape(streams, -1, chunk_rows, d_model)
+    chunks = centred.reshape(-1, chunk_rows, d_model)
     if with_correlations:
-        correlations = (centred @ dictionary.atoms.T).reshape(
-            streams, -1, chunk_rows, dictionary.n_features
-        )
+        correlations = (centred @ dictionary.atoms.T).reshape(-1, chunk_rows, dictionary.n_features)
     else:
-        correlations = jnp.zeros((streams, chunks.shape[1], 0), centred.dtype)
-    outs = [jax.lax.map(solve_chunk, (chunks[i], correlations[i])) for i in range(streams)]
-    # Each output is (chunks, chunk_rows, ...) per stream: back to (batch, ...) in row order.
-    return tuple(
-        jnp.concatenate([out[field].reshape(-1, *out[field].shape[2:]) for out in outs])
-        for field in range(len(outs[0]))
-    )
+        correlations = jnp.zeros((chunks.shape[0], 0), centred.dtype)
+    out = jax.lax.map(solve_chunk, (chunks, correlations))
+    # Each output is (chunks, chunk_rows, ...): back to (batch, ...).
+    return tuple(field.reshape(-1, *field.shape[2:]) for field in out)
 
 
 GATHER_WIDTH = 64

@@ -10,7 +10,7 @@ from sklearn.linear_model import orthogonal_mp
 
 import solvers
 from solvers import Status, _api
-from solvers._api import padded_rows
+from solvers._api import padded_rows, split_rows
 from solvers._omp import select
 from tests.conftest import sparse_problem
 
@@ -141,6 +141,40 @@ def test_padded_rows_buckets():
         1024,
     ]
     assert [padded_rows(n, 8, 1024, min_rows=2) for n in (1, 2, 3, 9)] == [2, 2, 4, 16]
+
+
+def test_split_rows_covers_the_batch_in_calls_a_stream_each():
+    def spans(*args):
+        return [(r.start, r.stop) for r in split_rows(*args)]
+
+    # Full calls of block_rows // streams rows, then the rest shared by up to `streams` calls.
+    assert spans(2048, 8, 1024, 2) == [(0, 512), (512, 1024), (1024, 1536), (1536, 2048)]
+    assert spans(1025, 8, 1024, 2) == [(0, 512), (512, 1024), (1024, 1025)]
+    assert spans(64, 8, 1024, 2) == [(0, 32), (32, 64)]
+    assert spans(9, 8, 1024, 4) == [(0, 4), (4, 9)]  # at most a call per chunk of rows
+    assert spans(64, 64, 1024, 2) == [(0, 64)]
+    assert spans(1, 8, 1024, 2) == [(0, 1)]
+    assert spans(0, 8, 1024, 2) == [(0, 0)]  # one empty call: empty results
+    for n_rows in range(0, 300, 7):
+        calls = split_rows(n_rows, 8, 64, 3)
+        assert [i for call in calls for i in call] == list(range(n_rows))
+        assert all(len(call) <= 16 for call in calls)  # 64 // 3 rounded down to chunks
+
+
+def test_float64_holds_in_every_thread_of_a_batch():
+    """Calls run on threads of their own; JAX's 64-bit mode, thread-local, must hold in each:
+    a float64 batch split into several calls gives the float64 answer of a single call."""
+    dictionary, _, activations = sparse_problem(256, 48, 40, 5, noise=0.01, seed=3)
+    prepared = solvers.prepare(dictionary, dtype="float64")
+    alone = solvers.unfold(activations, prepared, k=6, streams=1, block_rows=64)
+    assert len(split_rows(40, 8, 16, 2)) > 2
+    split = solvers.unfold(activations, prepared, k=6, streams=2, block_rows=16)
+    assert split.values.dtype == np.float64
+    np.testing.assert_array_equal(split.indices, alone.indices)
+    np.testing.assert_allclose(split.values, alone.values, rtol=1e-12, atol=1e-12)
+    lasso = solvers.unfold(activations, prepared, method="lasso", alpha=0.01, block_rows=128)
+    assert lasso.duality_gap.dtype == np.float64
+    assert np.all(lasso.duality_gap <= 1e-6 * 0.5 * np.sum(activations**2, axis=1))
 
 
 @pytest.mark.parametrize("positive", [False, True])
