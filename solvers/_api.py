@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,8 @@ METHODS: dict[str, type] = {"omp": OMP, "ista": ISTA, "fista": FISTA, "lasso": L
 """Solver settings class of each method name."""
 
 DEFAULT_CHUNK_ROWS = 8
-"""Rows solved together on the Gram path: small keeps each row's working set in cache."""
+"""Rows solved together on the Gram path by methods without a ``gram_chunk_rows`` of their own,
+and the fewest on the matrix-free path."""
 DEFAULT_BLOCK_ROWS = 1024
 """Rows per compiled call; larger batches run as several calls of this size."""
 CHUNK_BYTES = 64 << 20
@@ -29,6 +31,10 @@ CHUNK_BYTES = 64 << 20
 MAX_CHUNK_ROWS = 256
 MAX_STREAMS = 8
 """Most calls solved at once (`default_streams`)."""
+RUN_ALONE = threading.Lock()
+"""Held by the calls of settings whose ``runs_alone`` is true, in every thread of the process:
+XLA's CPU runtime is shared by the whole process, and such programs deadlock when two run at
+once."""
 
 
 def default_chunk_rows(dictionary: Dictionary, settings=None) -> int:
@@ -187,12 +193,16 @@ def solve(
             )
             return [np.asarray(field)[: len(rows)] for field in out]
 
-    calls = split_rows(x.shape[0], chunk_rows, block_rows, streams)
-    if len(calls) == 1:
-        parts = [run(calls[0])]
+    if getattr(settings, "runs_alone", False):
+        with RUN_ALONE:  # one call at a time, and none of another such program alongside
+            parts = [run(rows) for rows in split_rows(x.shape[0], chunk_rows, block_rows, 1)]
     else:
-        with concurrent.futures.ThreadPoolExecutor(min(streams, len(calls))) as pool:
-            parts = list(pool.map(run, calls))
+        calls = split_rows(x.shape[0], chunk_rows, block_rows, streams)
+        if len(calls) == 1:
+            parts = [run(calls[0])]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(min(streams, len(calls))) as pool:
+                parts = list(pool.map(run, calls))
     fields = [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
     return UnfoldResult(*fields, n_features=dictionary.n_features)
 

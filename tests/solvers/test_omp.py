@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -175,6 +177,38 @@ def test_float64_holds_in_every_thread_of_a_batch():
     lasso = solvers.unfold(activations, prepared, method="lasso", alpha=0.01, block_rows=128)
     assert lasso.duality_gap.dtype == np.float64
     assert np.all(lasso.duality_gap <= 1e-6 * 0.5 * np.sum(activations**2, axis=1))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(tol=1e-3, positive=True),  # k = d_model = 120: deadlocked when run alongside
+        dict(k=8),
+        dict(method="lasso", alpha=0.01, positive=True),
+        dict(method="fista", alpha=0.01, max_iter=200),
+    ],
+)
+def test_calls_from_two_threads_at_once_finish_with_the_answers_of_one(params):
+    """The service solves from several threads. XLA's CPU runtime deadlocked with two
+    non-negative OMP programs at once (their loops factor a Gram block with LAPACK); those run
+    alone (`runs_alone`), and every method gives from two threads what it gives from one."""
+    dictionary, _, activations = sparse_problem(500, 120, 6, 4, seed=10, positive=True)
+    prepared = solvers.prepare(dictionary)
+    expected = solvers.unfold(activations, prepared, streams=1, **params)
+    results = {}
+
+    def solve(name):
+        results[name] = [solvers.unfold(activations, prepared, **params) for _ in range(3)]
+
+    threads = [threading.Thread(target=solve, args=(i,), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "deadlocked"
+    for result in (r for runs in results.values() for r in runs):
+        np.testing.assert_array_equal(result.indices, expected.indices)
+        np.testing.assert_allclose(result.values, expected.values, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("positive", [False, True])
