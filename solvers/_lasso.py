@@ -120,12 +120,12 @@ class _L1Settings:
     name: ClassVar[str] = "lasso"
     default_max_iter: ClassVar[int] = 1000
     uses_correlations: ClassVar[bool] = True
+    """`solve` accepts ``correlations = x @ atoms.T`` computed for a whole block at once."""
     gram_chunk_rows: ClassVar[int] = 64
     """Rows solved together on the Gram path: each proximal-gradient step (ISTA, FISTA) or
     working-set refresh (LASSO) multiplies them by the whole dictionary, which pays off for
     many rows at once (P1, FISTA alpha=0.05: 29 rows/s in chunks of 64 against 13 in 8; the
     LASSO: 1060 against 1004 in 32 and 923 in 128)."""
-    """`solve` accepts ``correlations = x @ atoms.T`` computed for a whole block at once."""
 
     @classmethod
     def from_params(
