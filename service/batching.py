@@ -443,7 +443,7 @@ def batch_rows(
     the 32 now and the rest with the next batch is cheaper, even if nothing else arrives, when
     ``32 - padded(rest) > CALL_COST_ROWS``; under load the rest joins rows that arrive
     meanwhile and nothing is wasted. Batches of `block_rows` or more are not trimmed: the
-    solver runs them as blocks of `block_rows` and pads only the last one.
+    solver runs them as full calls and pads only the rest.
     """
     rows = min(waiting, max_batch_size)
     if rows >= block_rows:
@@ -464,9 +464,10 @@ def bucket_sizes(max_batch_size: int, block_rows: int = solvers.DEFAULT_BLOCK_RO
     """Batch sizes to compile ahead for batches of up to `max_batch_size` rows: the powers of
     two up to the first one >= min(max_batch_size, block_rows).
 
-    `solvers.unfold` pads every block of rows to a power of two (times its power-of-two chunk
-    size; see `solvers._api.padded_rows`) and cuts batches into blocks of `block_rows`, so these
-    sizes reach every program a batch of at most `max_batch_size` rows runs.
+    `solvers.unfold` cuts a batch into calls of at most `block_rows` rows (`split_rows`: a few
+    of about equal size for a small batch) and pads each to a power of two (see `padded_rows`
+    in `solvers._api`), so every program a batch of at most `max_batch_size` rows runs is one
+    that the next power of two of rows runs too: these sizes reach them all.
     """
     top = min(max_batch_size, block_rows)
     return [1 << i for i in range((top - 1).bit_length() + 1)]
