@@ -182,7 +182,7 @@ def test_prepared_dictionary_of_other_dtype(activations, dictionary):
         omp(activations, prepared, dtype="float64")
 
 
-@pytest.mark.parametrize("name", ["chunk_rows", "block_rows"])
+@pytest.mark.parametrize("name", ["chunk_rows", "block_rows", "streams"])
 def test_bad_execution_settings(activations, dictionary, name):
     with pytest.raises(ValueError, match=rf"{name} must be at least 1"):
         omp(activations, dictionary, **{name: 0})
