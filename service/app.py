@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Compressed-sensing unfolding of superposed neural-network activations.",
         lifespan=lifespan,
+        telemetry=dict.fromkeys(("tracing", "metrics", "logs"), settings.opentelemetry),
     )
     app.state.settings = settings
     app.state.registry = Registry(

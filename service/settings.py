@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as plain text or one JSON object per line."
     )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry (traces, HTTP metrics, error logs) to the "
+        "providers the process configures. Off by default: /metrics and the logs cover the "
+        "service, and the per-request check costs about 50 us of CPU on the unfold hot path.",
+    )
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

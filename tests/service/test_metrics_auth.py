@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from opentelemetry import trace
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import Settings
@@ -159,6 +160,37 @@ def test_info_reports_backend_and_serving_settings(tmp_path):
     assert info["batching"] == {"enabled": False, "max_batch_size": 32, "max_wait_ms": 0.0}
     assert info["limits"]["max_body_bytes"] == 1234 and info["auth"] is False
     assert info["gram_budget_bytes"] == Settings().gram_budget_bytes
+
+
+class RecordingTracerProvider(trace.TracerProvider):
+    """A configured OpenTelemetry tracer provider (not the API's default) that records the
+    names of the spans started."""
+
+    def __init__(self):
+        self.spans: list[str] = []
+
+    def get_tracer(self, *args, **kwargs):
+        spans = self.spans
+
+        class Tracer(trace.NoOpTracer):
+            def start_span(self, name, *args, **kwargs):
+                spans.append(name)
+                return super().start_span(name, *args, **kwargs)
+
+        return Tracer()
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_opentelemetry_spans_only_when_enabled(tmp_path, monkeypatch, enabled):
+    provider = RecordingTracerProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    with running_client(tmp_path, opentelemetry=enabled) as client:
+        ref = client.get("/v1/dictionaries").json()["dictionaries"][0]["id"]
+        response = client.post(UNFOLD.format(ref=ref), json={"activations": [1.0] * 16, "k": 2})
+        assert response.status_code == 200, response.text
+    # A server span per request, named by its method (the route is added when it ends).
+    assert provider.spans.count("POST") == (1 if enabled else 0)
+    assert bool(provider.spans) is enabled
 
 
 def test_json_log_formatter():
