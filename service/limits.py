@@ -1,4 +1,6 @@
-"""Request body size limit, as a pure ASGI middleware (Starlette has none of its own).
+"""Request body size limit, as a pure ASGI middleware: unlike Starlette's own
+(`RequestBodyLimitMiddleware`, whose 413 says "Content Too Large"), it answers in the service's
+error format, with a message that says what to change.
 
 A request whose `Content-Length` exceeds the limit is refused with 413 before its body is read.
 A body without a length (chunked) is counted while it streams in: once it passes the limit the
