@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import os
 import threading
@@ -193,13 +194,14 @@ def solve(
             )
             return [np.asarray(field)[: len(rows)] for field in out]
 
-    if getattr(settings, "runs_alone", False):
-        with RUN_ALONE:  # one call at a time, and none of another such program alongside
-            parts = [run(rows) for rows in split_rows(x.shape[0], chunk_rows, block_rows, 1)]
-    else:
-        calls = split_rows(x.shape[0], chunk_rows, block_rows, streams)
-        if len(calls) == 1:
-            parts = [run(calls[0])]
+    alone = getattr(settings, "runs_alone", False)
+    if alone:
+        streams = 1
+    calls = split_rows(x.shape[0], chunk_rows, block_rows, streams)
+    # One call at a time, and none of another such program alongside, for those that run alone.
+    with RUN_ALONE if alone else contextlib.nullcontext():
+        if streams == 1 or len(calls) == 1:  # on this thread
+            parts = [run(rows) for rows in calls]
         else:
             with concurrent.futures.ThreadPoolExecutor(min(streams, len(calls))) as pool:
                 parts = list(pool.map(run, calls))

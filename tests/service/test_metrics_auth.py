@@ -162,22 +162,26 @@ def test_info_reports_backend_and_serving_settings(tmp_path):
     assert info["gram_budget_bytes"] == Settings().gram_budget_bytes
 
 
+class RecordingTracer(trace.NoOpTracer):
+    """Records the names of the spans it starts in `spans`."""
+
+    def __init__(self, spans: list[str]):
+        self.spans = spans
+
+    def start_span(self, name, *args, **kwargs):
+        self.spans.append(name)
+        return super().start_span(name, *args, **kwargs)
+
+
 class RecordingTracerProvider(trace.TracerProvider):
-    """A configured OpenTelemetry tracer provider (not the API's default) that records the
-    names of the spans started."""
+    """A configured OpenTelemetry tracer provider (not the API's default) whose tracers record
+    the names of the spans started."""
 
     def __init__(self):
         self.spans: list[str] = []
 
     def get_tracer(self, *args, **kwargs):
-        spans = self.spans
-
-        class Tracer(trace.NoOpTracer):
-            def start_span(self, name, *args, **kwargs):
-                spans.append(name)
-                return super().start_span(name, *args, **kwargs)
-
-        return Tracer()
+        return RecordingTracer(self.spans)
 
 
 @pytest.mark.parametrize("enabled", [False, True])
