@@ -22,6 +22,13 @@ d_model=2304, k=64, batch 256) in a subprocess, with its peak memory (VmHWM).
     python bench/solvers.py             # P1 (a few minutes)
     python bench/solvers.py --p2        # and P2 (--p2-only: P2 alone)
     python bench/solvers.py --quick     # small smoke run
+    python bench/solvers.py --ceiling   # and a row for OMP's unavoidable work alone
+
+The ceiling row (`omp_traffic_ceiling`) is not a solver: it runs the OMP solver's memory
+traffic (correlations, per step the selection over all features, the gather of a Gram row and
+the product with the row's stored Gram rows) without its bookkeeping, in the same chunks and
+streams. OMP cannot run faster than it in this design; the gap between the two is what the
+bookkeeping costs.
 
 Unfold runs one call per core at once (see `solvers._api.default_streams`); peers get their
 best thread count. SPAMS runs in subprocesses without the host's OPENBLAS_CORETYPE and
@@ -370,6 +377,74 @@ def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
     return spams_objective
 
 
+# ------------------------------------------------------------------------------------- ceiling
+
+
+def omp_traffic_ceiling(k: int):
+    """Settings for `solvers._api.solve` that do Batch-OMP's unavoidable work alone, for
+    ``--ceiling``: the correlations ``x @ atoms.T``, then per step the selection of the best
+    atom, the gather of its Gram row into the row's store and the product with the store, in
+    the OMP solver's own segments, chunks and streams; but none of its k x k bookkeeping (the
+    inverse Cholesky factor, the codes, the stopping rules): the product uses fixed weights.
+    Not a solver (its codes are zero): its speed bounds what OMP can reach in this design,
+    whatever its bookkeeping costs."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from solvers import _omp
+    from solvers._result import ChunkSolution
+
+    @dataclasses.dataclass(frozen=True)
+    class Ceiling:
+        k: int
+        uses_correlations = True
+        gram_chunk_rows = _omp.OMP.gram_chunk_rows
+        gram_min_rows = _omp.OMP.gram_min_rows
+
+        def solve(self, dictionary, x, correlations):
+            batch, dtype = x.shape[0], x.dtype
+            shifts = jnp.asarray(
+                np.random.default_rng(0).permutation(dictionary.n_features)[: self.k]
+            )
+            indices = jnp.zeros((batch, self.k), jnp.int32)
+            state = (correlations, correlations[:, None, :], indices)
+            segment = max(_omp.SEGMENT, -(-self.k // _omp.MAX_SEGMENTS))
+            for start in range(0, self.k, segment):
+                width = min(segment, self.k - start)
+                c, stored, indices = state
+                zeros = jnp.zeros((batch, width, dictionary.n_features), dtype)
+                stored = jnp.concatenate([stored, zeros], axis=1)
+
+                def step(u, s, start=start):
+                    c, stored, indices = s
+                    t = start + u
+                    best, _ = _omp.select(c, None, False)
+                    # A new atom each step, as in OMP (where a selected atom's correlation
+                    # becomes zero), still found from the correlations.
+                    j = (best + shifts[t]) % dictionary.n_features
+                    stored = jax.lax.dynamic_update_slice_in_dim(
+                        stored, dictionary.gram[j][:, None, :], 1 + t, axis=1
+                    )
+                    indices = indices.at[:, t].set(j)
+                    weights = jnp.full(stored.shape[:2], -1e-3, dtype).at[:, 0].set(1.0)
+                    return jnp.einsum("bk,bkn->bn", weights, stored), stored, indices
+
+                state = jax.lax.fori_loop(0, width, step, (c, stored, indices))
+            indices = state[2]
+            return ChunkSolution(
+                indices=indices,
+                values=jnp.zeros(indices.shape, dtype),
+                n_iter=jnp.full((batch,), self.k, jnp.int32),
+                status=jnp.zeros((batch,), jnp.int32),
+                duality_gap=jnp.full((batch,), jnp.nan, dtype),
+            )
+
+    jax.tree_util.register_dataclass(Ceiling, data_fields=[], meta_fields=["k"])
+    return Ceiling(k)
+
+
 # ------------------------------------------------------------------------------------- runs
 
 
@@ -405,6 +480,13 @@ def run_p1(args) -> None:
             f"omp k={k}, first call on {batch} rows: {first:.1f} s "
             f"(of which compile about {first - seconds:.1f} s)"
         )
+        if args.ceiling:
+            ceiling = omp_traffic_ceiling(k)
+            solvers._api.solve(ceiling, prepared, x)  # compile
+            seconds, _ = timed(lambda: solvers._api.solve(ceiling, prepared, x), args.repeats)
+            unknown = float("nan")  # not a solver: no codes to judge
+            row = dict(method="omp", impl="ceiling: OMP's traffic alone", setup=setup, rows=batch)
+            rows.append({**row, "time": seconds, "rel_err": unknown, "f1": unknown})
     args.spams_coretype = {"float64": [""], "float32": [""]}
     if args.spams_coretypes:
         args.spams_coretype = best_spams_coretypes(dictionary, x, codes, k, args)
@@ -580,6 +662,11 @@ def main() -> None:
     parser.add_argument("--p2-only", action="store_true", help="only P2")
     parser.add_argument("--no-lasso", action="store_true")
     parser.add_argument("--no-omp", action="store_true", help="only the LASSO rows of P1")
+    parser.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also time OMP's unavoidable work alone (see omp_traffic_ceiling)",
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sklearn-rows", type=int, default=64)
     parser.add_argument("--sklearn-lasso-rows", type=int, default=16)
