@@ -27,8 +27,8 @@ d_model=2304, k=64, batch 256) in a subprocess, with its peak memory (VmHWM).
 The ceiling row (`omp_traffic_ceiling`) is not a solver: it runs the OMP solver's memory
 traffic (correlations, per step the selection over all features, the gather of a Gram row and
 the product with the row's stored Gram rows) without its bookkeeping, in the same chunks and
-streams. OMP cannot run faster than it in this design; the gap between the two is what the
-bookkeeping costs.
+streams. OMP does all of this and more, so beyond measurement noise it cannot run faster; the
+gap between the two is what the bookkeeping costs.
 
 Unfold runs one call per core at once (see `solvers._api.default_streams`); peers get their
 best thread count. SPAMS runs in subprocesses without the host's OPENBLAS_CORETYPE and
@@ -387,7 +387,7 @@ def omp_traffic_ceiling(k: int):
     the OMP solver's own segments, chunks and streams; but none of its k x k bookkeeping (the
     inverse Cholesky factor, the codes, the stopping rules): the product uses fixed weights.
     Not a solver (its codes are zero): its speed bounds what OMP can reach in this design,
-    whatever its bookkeeping costs."""
+    whatever its bookkeeping costs. Gram path only (P1's dictionary has its Gram matrix)."""
     import dataclasses
 
     import jax
