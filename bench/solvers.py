@@ -410,9 +410,7 @@ def omp_traffic_ceiling(k: int):
             )
             indices = jnp.zeros((batch, self.k), jnp.int32)
             state = (correlations, correlations[:, None, :], indices)
-            segment = max(_omp.SEGMENT, -(-self.k // _omp.MAX_SEGMENTS))
-            for start in range(0, self.k, segment):
-                width = min(segment, self.k - start)
+            for start, width in _omp.segments(self.k):
                 c, stored, indices = state
                 zeros = jnp.zeros((batch, width, dictionary.n_features), dtype)
                 stored = jnp.concatenate([stored, zeros], axis=1)

@@ -46,6 +46,12 @@ MAX_SEGMENTS = 8
 """... or more steps per segment when k is large, to bound compilation time."""
 
 
+def segments(k: int) -> list[tuple[int, int]]:
+    """(first step, steps) of each segment of the Gram path's `k` steps (`SEGMENT`)."""
+    segment = max(SEGMENT, -(-k // MAX_SEGMENTS))
+    return [(start, min(segment, k - start)) for start in range(0, k, segment)]
+
+
 @dataclasses.dataclass(frozen=True)
 class OMP:
     """Orthogonal Matching Pursuit settings: hashable, and a pytree whose float `tol` is traced
@@ -308,10 +314,8 @@ def solve_omp(
     if use_gram:
         # `stored` is [D x; G[S]] grown by a segment of rows at a time: step t multiplies by
         # t rounded up to a segment of Gram rows, not k.
-        segment = max(SEGMENT, -(-k // MAX_SEGMENTS))
         stored = alpha0[:, None, :]
-        for start in range(0, k, segment):
-            width = min(segment, k - start)
+        for start, width in segments(k):
             stored = jnp.concatenate([stored, jnp.zeros((batch, width, n_features), dtype)], 1)
             state = jax.lax.fori_loop(0, width, make_step(start), state._replace(stored=stored))
             stored = state.stored
