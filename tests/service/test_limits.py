@@ -169,6 +169,28 @@ def test_limit_settings_from_the_environment(monkeypatch):
     assert settings.batching is False and settings.request_timeout_s == 2.5
 
 
+@pytest.mark.parametrize(
+    ("name", "value"), [("UNFOLD_OPENTELEMETRY", "maybe"), ("UNFOLD_MAX_BODY_BYTES", "-1")]
+)
+def test_serve_refuses_a_bad_setting_naming_it(tmp_path, monkeypatch, capsys, name, value):
+    """`unfold serve` with a bad setting in the environment exits 1 with pydantic's message
+    naming the setting, before anything listens."""
+    from service.cli import main
+
+    monkeypatch.setenv("UNFOLD_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv(name, value)
+
+    def started(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr("uvicorn.run", started)
+    assert main(["serve"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("unfold: error: ")
+    assert name.removeprefix("UNFOLD_").lower() in error
+    assert "serving on" not in error
+
+
 def test_a_client_leaving_mid_request_is_not_a_server_error(tmp_path):
     """A body read that finds the client gone ends quietly (no exception escapes the app)."""
     import asyncio
