@@ -174,7 +174,7 @@ def solve(
 
     The batch is cut into calls (`split_rows`), each padded (`padded_rows`) so that any batch
     size reuses a handful of compiled programs; `streams` calls run at once, each from its own
-    thread (JAX releases the GIL while a call runs).
+    thread (`run_in_lanes`; JAX releases the GIL while a call runs).
     """
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(dictionary, settings)
@@ -200,13 +200,60 @@ def solve(
     calls = split_rows(x.shape[0], chunk_rows, block_rows, streams)
     # One call at a time, and none of another such program alongside, for those that run alone.
     with RUN_ALONE if alone else contextlib.nullcontext():
-        if streams == 1 or len(calls) == 1:  # on this thread
-            parts = [run(rows) for rows in calls]
-        else:
-            with concurrent.futures.ThreadPoolExecutor(min(streams, len(calls))) as pool:
-                parts = list(pool.map(run, calls))
+        parts = run_in_lanes(run, calls, min(streams, len(calls)))
     fields = [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
     return UnfoldResult(*fields, n_features=dictionary.n_features)
+
+
+def run_in_lanes(function, items: list, lanes: int) -> list:
+    """``[function(item) for item in items]``, with up to `lanes` items in progress at once:
+    this thread and ``lanes - 1`` threads of a pool kept for the process (`_lane_pool`), each
+    taking the next item when done with one. After an error no lane takes a new item, and the
+    error is raised once every lane has stopped.
+
+    Threads are reused rather than started per call: starting and joining a thread hands the
+    GIL over, and a caller whose process keeps the GIL busy (a server's event loop) waits up to
+    a switch interval (5 ms) at each hand-over.
+    """
+    if lanes <= 1:
+        return [function(item) for item in items]
+    results = [None] * len(items)
+    pending = iter(enumerate(items))
+    lock = threading.Lock()
+    failed = threading.Event()  # once a lane fails, the others take no new item
+
+    def lane() -> None:
+        while not failed.is_set():
+            with lock:
+                index, item = next(pending, (None, None))
+            if index is None:
+                return
+            try:
+                results[index] = function(item)
+            except BaseException:
+                failed.set()
+                raise
+
+    helpers = [_lane_pool().submit(lane) for _ in range(lanes - 1)]
+    try:
+        lane()
+    finally:
+        for helper in helpers:  # wait for every lane (and raise its error) before returning
+            helper.result()
+    return results
+
+
+_LANE_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_LANE_POOL_LOCK = threading.Lock()
+
+
+def _lane_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's pool of helper threads for `run_in_lanes`, started on first use."""
+    global _LANE_POOL
+    with _LANE_POOL_LOCK:
+        if _LANE_POOL is None:
+            _LANE_POOL = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="unfold-stream")
+        return _LANE_POOL
 
 
 @functools.partial(jax.jit, static_argnums=(3,))

@@ -12,7 +12,7 @@ from sklearn.linear_model import orthogonal_mp
 
 import solvers
 from solvers import Status, _api
-from solvers._api import padded_rows, split_rows
+from solvers._api import padded_rows, run_in_lanes, split_rows
 from solvers._omp import select
 from tests.conftest import sparse_problem
 
@@ -161,6 +161,50 @@ def test_split_rows_covers_the_batch_in_calls_a_stream_each():
         calls = split_rows(n_rows, 8, 64, 3)
         assert [i for call in calls for i in call] == list(range(n_rows))
         assert all(len(call) <= 16 for call in calls)  # 64 // 3 rounded down to chunks
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_run_in_lanes_keeps_order_and_runs_that_many_calls_at_once(lanes):
+    together = threading.Barrier(lanes)  # passed only with `lanes` calls in progress
+    lock = threading.Lock()
+    running = peak = 0
+    threads = set()
+
+    def square(i):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            threads.add(threading.get_ident())
+        if i < lanes:
+            together.wait(timeout=30)
+        with lock:
+            running -= 1
+        return i * i
+
+    assert run_in_lanes(square, list(range(9)), lanes) == [i * i for i in range(9)]
+    assert peak == lanes
+    assert threading.get_ident() in threads  # the caller is one of the lanes
+    assert run_in_lanes(abs, [-4], lanes + 1) == [4]  # more lanes than items
+    assert run_in_lanes(abs, [], lanes) == []
+
+
+def test_run_in_lanes_stops_at_an_error_and_raises_it_once_every_lane_has_stopped():
+    done = []
+
+    def fail_on_three(i):
+        if i == 3:
+            raise ValueError("three")
+        threading.Event().wait(0.01)
+        done.append(i)
+        return i
+
+    with pytest.raises(ValueError, match="three"):
+        run_in_lanes(fail_on_three, list(range(40)), 2)
+    finished = len(done)
+    assert finished < 39  # the other lane took no new item after the error
+    threading.Event().wait(0.05)
+    assert len(done) == finished  # and nothing runs on after the error is raised
 
 
 def test_float64_holds_in_every_thread_of_a_batch():
