@@ -397,7 +397,7 @@ class Batcher:
             for request in batch:
                 if request.state != "done":
                     self._finish(request, error=RuntimeError("the batch was interrupted"))
-                self._release(key, queue, request.n)
+            self._release(key, queue, sum(request.n for request in batch))
 
     def _finish(self, request: _Request, *, result=None, error: BaseException | None = None):
         request.state = "done"

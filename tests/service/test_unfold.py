@@ -135,3 +135,22 @@ def test_query_parameters_with_a_json_body_are_refused_not_ignored(client):
     error = response.json()["error"]
     assert error["code"] == "invalid_request"
     assert "['alpha', 'method']" in error["message"] and "JSON object" in error["message"]
+
+
+def test_an_empty_query_string_with_a_json_body_is_no_parameter(client):
+    activation = demo_dictionary()[0][3].tolist()
+    response = client.post("/v1/dictionaries/demo/unfold?&", json={"activations": activation})
+    assert response.status_code == 200, response.text
+    assert response.json()["codes"][0]["indices"] == [3]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_every_non_finite_row_is_named(client, bad):
+    activations = np.ones((5, 16), np.float32)
+    activations[[1, 4], [0, 15]] = bad
+    response = client.post(
+        "/v1/dictionaries/demo/unfold?k=2", content=npy_bytes(activations), headers=NPY_HEADERS
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "non_finite"
+    assert "row(s) [1, 4]" in response.json()["error"]["message"]
