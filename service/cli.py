@@ -41,6 +41,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .settings import Settings
+    from .transport import CoalescingHttpToolsProtocol
 
     overrides = {
         key: value
@@ -60,6 +61,7 @@ def serve(args: argparse.Namespace) -> int:
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=CoalescingHttpToolsProtocol,  # a response in one write, not two
         log_level=settings.log_level,
         # uvicorn formats every access line before the logger drops it: only when it is shown.
         access_log=LOG_LEVELS.get(settings.log_level.lower(), logging.INFO) <= logging.INFO,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -49,6 +50,54 @@ def test_concurrent_requests_all_answered_correctly(tmp_path):
                 assert dict(zip(code["indices"], code["values"], strict=True)) == pytest.approx(
                     {int(pair[0]): 1.5, int(pair[1]): -0.75}, abs=1e-5
                 )
+
+
+def test_answers_arrive_whole_and_in_order_over_one_connection(tmp_path):
+    """The server joins each answer's writes (`service.transport`): pipelined requests, a large
+    answer and a closing connection must still get every byte, in order."""
+    import http.client
+    import socket
+
+    from service.demo import demo_dictionary
+
+    directions, _ = demo_dictionary()
+    rows = np.repeat(directions[:3], 300, axis=0)  # 900 rows: a 115 kB dense answer
+    body = io.BytesIO()
+    np.save(body, rows.astype(np.float32), allow_pickle=False)
+    unfold = (
+        b"POST /v1/dictionaries/demo/unfold?k=1 HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/x-npy\r\nAccept: application/x-npy\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body.getvalue())
+    ) + body.getvalue()
+    port = free_port()
+    with serve(str(tmp_path), port), socket.create_connection(("127.0.0.1", port), 30) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            + unfold
+            + b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        stream = sock.makefile("rb")
+
+        class OneStream:  # every answer read from the same buffered stream, one after another
+            def makefile(self, *args, **kwargs):
+                return self
+
+            def close(self):  # a finished answer closes its stream: not this one
+                pass
+
+            def __getattr__(self, name):
+                return getattr(stream, name)
+
+        answers = []
+        for method in ("GET", "POST", "GET"):
+            answer = http.client.HTTPResponse(OneStream(), method=method)
+            answer.begin()
+            answers.append((answer.status, answer.read()))
+        assert [status for status, _ in answers] == [200, 200, 200]
+        assert b"ok" in answers[0][1] and b"ready" in answers[2][1]
+        codes = np.load(io.BytesIO(answers[1][1]), allow_pickle=False)
+        np.testing.assert_allclose(codes @ directions, rows, atol=1e-5)
+        assert stream.read() == b""  # and then the server closed the connection
 
 
 def test_shutdown_during_warm_up_stops_cleanly(tmp_path):
