@@ -2,9 +2,9 @@
 
 uvicorn writes a response's status line and headers as soon as the application sends
 ``http.response.start``, then the body with ``http.response.body``: two sends, so two TCP
-segments and two wake-ups of the client for every small answer. Measured on a 2-core machine
-(a minimal ASGI app under wrk, 64 connections), the server spent 63-72 µs of CPU per request
-that way and 38-44 µs with the writes joined.
+segments and two wake-ups of the client for every small answer. Joined, on a 2-core machine
+under wrk (64 connections, single-vector unfold requests, dynamic batching): 1077 against 990
+rows/s (median of 4 turns, A/B), the event loop's CPU 347-407 µs per request against 390-425.
 
 `CoalescingTransport` holds a write back until the next one, at most until the end of the
 event loop's turn (``loop.call_soon``), and sends the two together: a response's headers leave
