@@ -207,7 +207,7 @@ def solve(
 
 def run_in_lanes(function, items: list, lanes: int) -> list:
     """``[function(item) for item in items]``, with up to `lanes` items in progress at once:
-    this thread and ``lanes - 1`` threads of a pool kept for the process (`_lane_pool`), each
+    this thread and ``lanes - 1`` threads of a pool kept for the process (`_LANE_POOL`), each
     taking the next item when done with one. After an error no lane takes a new item, and the
     error is raised once every lane has stopped.
 
@@ -234,7 +234,7 @@ def run_in_lanes(function, items: list, lanes: int) -> list:
                 failed.set()
                 raise
 
-    helpers = [_lane_pool().submit(lane) for _ in range(lanes - 1)]
+    helpers = [_LANE_POOL.submit(lane) for _ in range(lanes - 1)]
     try:
         lane()
     finally:
@@ -243,17 +243,8 @@ def run_in_lanes(function, items: list, lanes: int) -> list:
     return results
 
 
-_LANE_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_LANE_POOL_LOCK = threading.Lock()
-
-
-def _lane_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The process's pool of helper threads for `run_in_lanes`, started on first use."""
-    global _LANE_POOL
-    with _LANE_POOL_LOCK:
-        if _LANE_POOL is None:
-            _LANE_POOL = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="unfold-stream")
-        return _LANE_POOL
+_LANE_POOL = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="unfold-stream")
+"""The process's helper threads for `run_in_lanes` (a pool starts its threads on first use)."""
 
 
 @functools.partial(jax.jit, static_argnums=(3,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from service.transport import JOIN_BYTES, CoalescingTransport
 
@@ -29,74 +30,73 @@ async def a_turn() -> None:
     await asyncio.sleep(0)  # callbacks scheduled with call_soon run before this returns
 
 
+def on_a_loop(test):
+    """Run the coroutine function `test` on a fresh event loop (a plain test for pytest)."""
+
+    @functools.wraps(test)
+    def run():
+        asyncio.run(test())
+
+    return run
+
+
 async def transports() -> tuple[RecordingTransport, CoalescingTransport]:
     """(the connection's transport, the coalescing one around it), on the running loop."""
     inner = RecordingTransport()
     return inner, CoalescingTransport(inner, asyncio.get_running_loop())
 
 
-def test_headers_and_body_written_in_one_turn_leave_as_one_write():
-    async def scenario():
-        inner, outer = await transports()
-        outer.write(b"HTTP/1.1 200 OK\r\n\r\n")
-        assert inner.writes == []  # held back for the body
-        outer.write(b"{}")
-        assert inner.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
-        await a_turn()
-        assert inner.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
-
-    asyncio.run(scenario())
+@on_a_loop
+async def test_headers_and_body_written_in_one_turn_leave_as_one_write():
+    inner, outer = await transports()
+    outer.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert inner.writes == []  # held back for the body
+    outer.write(b"{}")
+    assert inner.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+    await a_turn()
+    assert inner.writes == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
 
 
-def test_a_lone_write_leaves_at_the_end_of_the_turn():
-    async def scenario():
-        inner, outer = await transports()
-        outer.write(b"one")
-        await a_turn()
-        assert inner.writes == [b"one"]
-        outer.write(b"a")
-        outer.write(b"b")
-        outer.write(b"c")  # a third write is held until the next, or the end of the turn
-        assert inner.writes == [b"one", b"ab"]
-        await a_turn()
-        assert inner.writes == [b"one", b"ab", b"c"]
-
-    asyncio.run(scenario())
+@on_a_loop
+async def test_a_lone_write_leaves_at_the_end_of_the_turn():
+    inner, outer = await transports()
+    outer.write(b"one")
+    await a_turn()
+    assert inner.writes == [b"one"]
+    outer.write(b"a")
+    outer.write(b"b")
+    outer.write(b"c")  # a third write is held until the next, or the end of the turn
+    assert inner.writes == [b"one", b"ab"]
+    await a_turn()
+    assert inner.writes == [b"one", b"ab", b"c"]
 
 
-def test_large_writes_are_not_copied_to_be_joined_and_keep_their_order():
+@on_a_loop
+async def test_large_writes_are_not_copied_to_be_joined_and_keep_their_order():
     large = b"x" * JOIN_BYTES
-
-    async def scenario():
-        inner, outer = await transports()
-        outer.write(large)  # nothing held: sent at once
-        assert inner.writes == [large]
-        outer.write(b"head")
-        outer.write(large)
-        assert inner.writes == [large, b"head", large]
-        await a_turn()
-        assert inner.writes == [large, b"head", large]
-
-    asyncio.run(scenario())
+    inner, outer = await transports()
+    outer.write(large)  # nothing held: sent at once
+    assert inner.writes == [large]
+    outer.write(b"head")
+    outer.write(large)
+    assert inner.writes == [large, b"head", large]
+    await a_turn()
+    assert inner.writes == [large, b"head", large]
 
 
-def test_close_sends_what_is_held_first_and_a_closing_connection_gets_nothing():
-    async def scenario():
-        inner, outer = await transports()
-        outer.write(b"last words")
-        outer.close()
-        assert inner.writes == [b"last words"] and inner.closing
-        outer.write(b"too late")
-        await a_turn()
-        assert inner.writes == [b"last words"]
-
-    asyncio.run(scenario())
+@on_a_loop
+async def test_close_sends_what_is_held_first_and_a_closing_connection_gets_nothing():
+    inner, outer = await transports()
+    outer.write(b"last words")
+    outer.close()
+    assert inner.writes == [b"last words"] and inner.closing
+    outer.write(b"too late")
+    await a_turn()
+    assert inner.writes == [b"last words"]
 
 
-def test_other_attributes_are_the_wrapped_transports():
-    async def scenario():
-        inner, outer = await transports()
-        assert outer.get_extra_info("sockname") == ("127.0.0.1", 8000)
-        assert outer.is_closing() is False
-
-    asyncio.run(scenario())
+@on_a_loop
+async def test_other_attributes_are_the_wrapped_transports():
+    inner, outer = await transports()
+    assert outer.get_extra_info("sockname") == ("127.0.0.1", 8000)
+    assert outer.is_closing() is False
