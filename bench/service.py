@@ -164,20 +164,33 @@ def percentile(values: list[float], q: float) -> float:
 WRK_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
+def metric_totals(base: str) -> dict[str, float]:
+    """The server's metric samples by name, summed over labels."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+SOLVER_TOTALS = ("unfold_batch_size_count", "unfold_batch_size_sum", "unfold_solver_seconds_sum")
+
+
+def solver_work(before: dict, after: dict, seconds: float) -> tuple[float, float]:
+    """(mean rows per solver call, solver seconds per second of wall time) between two
+    `metric_totals`: the second is the share of the time a call was running (above 1 when
+    calls overlap)."""
+    calls, rows, busy = (after.get(n, 0.0) - before.get(n, 0.0) for n in SOLVER_TOTALS)
+    return rows / max(calls, 1), busy / seconds
+
+
 def wait_idle(base: str, limit_s: float = 300) -> None:
     """Wait until the server has no rows queued or being solved: requests a load generator
     left behind (unbatched ones are solved even after their client has gone) must not take
     CPU from the next measurement, on either server."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        text = httpx.get(base + "/metrics", timeout=30).text
-        depth = sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "unfold_queue_depth"
-            for sample in family.samples
-        )
-        if depth == 0:
+        if metric_totals(base).get("unfold_queue_depth", 0) == 0:
             return
         time.sleep(0.1)
     raise RuntimeError(f"{base} still busy after {limit_s:g} s")
@@ -245,40 +258,45 @@ def bench_single(args, dictionary, activations) -> None:
         for _ in range(args.single_repeats):
             for concurrency in args.concurrency:
                 for batching, (base, ref) in targets.items():
+                    before = metric_totals(base)
                     if use_wrk:
                         body = {"activations": activations[0].tolist(), "k": args.k}
                         url = f"{base}/v1/dictionaries/{ref}/unfold"
-                        sample = wrk_load(url, body, concurrency, args.seconds)
+                        rate, p50, p99 = wrk_load(url, body, concurrency, args.seconds)
+                        seconds = args.seconds
                     else:
                         rows = activations[: args.requests]
                         seconds, latencies = asyncio.run(
                             single_vectors(base, ref, rows, args.k, concurrency)
                         )
-                        sample = (
-                            len(rows) / seconds,
-                            percentile(latencies, 50),
-                            percentile(latencies, 99),
-                        )
-                    samples.setdefault((batching, concurrency), []).append(sample)
+                        rate = len(rows) / seconds
+                        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+                    work = solver_work(before, metric_totals(base), seconds)
+                    samples.setdefault((batching, concurrency), []).append((rate, p50, p99, *work))
                     wait_idle(base)
     header = (
         f"{'batching':>8} {'conc':>5} {'rows/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'rows/s range':>14}"
+        f"{'rows/s range':>14} {'rows/call':>9} {'solver busy':>11}"
     )
     print(header + "\n" + "-" * len(header))
     rates: dict[tuple[bool, int], float] = {}
     for batching in (False, True):
         for concurrency in args.concurrency:
             runs = samples[batching, concurrency]
-            rate = statistics.median(r for r, _, _ in runs)
-            p50 = statistics.median(p for _, p, _ in runs)
-            p99 = statistics.median(p for _, _, p in runs)
-            low, high = min(r for r, _, _ in runs), max(r for r, _, _ in runs)
+            rate, p50, p99, batch, busy = (
+                statistics.median(column) for column in zip(*runs, strict=True)
+            )
+            low, high = min(r[0] for r in runs), max(r[0] for r in runs)
             rates[batching, concurrency] = rate
             print(
                 f"{'on' if batching else 'off':>8} {concurrency:>5} {rate:>9.0f} "
-                f"{1e3 * p50:>8.1f} {1e3 * p99:>8.1f} {f'{low:.0f}-{high:.0f}':>14}"
+                f"{1e3 * p50:>8.1f} {1e3 * p99:>8.1f} {f'{low:.0f}-{high:.0f}':>14} "
+                f"{batch:>9.1f} {busy:>11.0%}"
             )
+    print(
+        "rows/call: mean rows per solver call; solver busy: solver-call seconds per second "
+        "(above 100% when calls overlap)"
+    )
     for concurrency in args.concurrency:
         ratio = rates[True, concurrency] / rates[False, concurrency]
         print(f"batching speed-up at concurrency {concurrency}: {ratio:.2f}x (of median rows/s)")

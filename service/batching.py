@@ -160,8 +160,7 @@ class Batcher:
             max_workers=threads, thread_name_prefix="unfold-solver"
         )
         self._queues: dict[Hashable, _Queue] = {}
-        self._label_rows: dict[str, int] = collections.defaultdict(int)
-        self._depth_gauges: dict[str, Any] = {}  # the queue-depth gauge of each label
+        self._label_rows: dict[str, int] = {}  # outstanding rows per label (queue-depth metric)
         self._closed = False
 
     @classmethod
@@ -271,24 +270,19 @@ class Batcher:
 
     def _admit(self, queue: _Queue, n: int) -> None:
         queue.outstanding_rows += n
-        self._label_rows[queue.label] += n
-        self._report_depth(queue.label)
+        label = queue.label
+        if label not in self._label_rows:
+            self._label_rows[label] = 0
+            if self.metrics is not None:  # read when scraped: nothing to update per request
+                gauge = self.metrics.queue_depth.labels(dictionary=label)
+                gauge.set_function(lambda: self._label_rows[label])
+        self._label_rows[label] += n
 
     def _release(self, key: Hashable, queue: _Queue, n: int) -> None:
         queue.outstanding_rows -= n
         self._label_rows[queue.label] -= n
-        self._report_depth(queue.label)
         if queue.outstanding_rows == 0 and queue.worker is None and self._queues.get(key) is queue:
             del self._queues[key]
-
-    def _report_depth(self, label: str) -> None:
-        if self.metrics is not None:
-            gauge = self._depth_gauges.get(label)
-            if gauge is None:
-                gauge = self._depth_gauges[label] = self.metrics.queue_depth.labels(
-                    dictionary=label
-                )
-            gauge.set(self._label_rows[label])
 
     def _abandon(self, key, queue: _Queue, request: _Request | None, future) -> None:
         if request is None:  # unbatched: the thread finishes on its own; rows released then

@@ -312,6 +312,38 @@ def test_full_queue_refuses_at_once_with_retry_after(enabled):
     assert [r.doubled.shape[0] for r in results] == [2, 1, 1] and after.doubled.shape[0] == 3
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_queue_depth_metric_counts_rows_waiting_and_being_solved_per_dictionary(enabled):
+    release = threading.Event()
+    solve = Recorder(release)
+    metrics = Metrics()
+
+    def depth(label: str) -> float | None:
+        return metrics.registry.get_sample_value("unfold_queue_depth", {"dictionary": label})
+
+    async def main():
+        batcher = Batcher(enabled=enabled, max_wait_ms=0, threads=1, metrics=metrics)
+        try:
+            # Two settings of one dictionary share its label; another dictionary has its own.
+            first = asyncio.create_task(batcher.submit(("d1", 4), rows_of(2, 0), solve))
+            await asyncio.to_thread(solve.started.wait, 30)  # 2 rows being solved
+            waiting = [
+                asyncio.create_task(batcher.submit(key, rows_of(n, 0), solve))
+                for key, n in ((("d1", 8), 3), (("d2", 4), 1))
+            ]
+            await asyncio.sleep(0.05)  # queued behind the running solve
+            during = depth("d1"), depth("d2")
+            release.set()
+            await asyncio.gather(first, *waiting)
+            return during, (depth("d1"), depth("d2"))
+        finally:
+            release.set()
+            await batcher.close()
+
+    during, after = run(main())
+    assert during == (5, 1) and after == (0, 0)
+
+
 def test_a_request_larger_than_the_queue_limit_is_admitted_when_nothing_is_queued():
     solve = Recorder()
 
