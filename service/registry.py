@@ -26,6 +26,7 @@ class Entry:
 
     record: DictionaryRecord
     prepared: solvers.Dictionary
+    path_choice: solvers.PathChoice
     warm: threading.Event = dataclasses.field(default_factory=threading.Event, compare=False)
     """Set once the default programs are compiled (`batching.warmup`)."""
     settings_cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -39,7 +40,7 @@ class Entry:
 class Registry:
     """Thread-safe map of id and name to `Entry`, backed by a `DictionaryStore`."""
 
-    def __init__(self, store: DictionaryStore, *, gram_budget_bytes: int):
+    def __init__(self, store: DictionaryStore, *, gram_budget_bytes: int | None):
         self.store = store
         self.gram_budget_bytes = gram_budget_bytes
         self._entries: dict[str, Entry] = {}
@@ -145,10 +146,11 @@ class Registry:
             return self._add_locked(record)
 
     def _add_locked(self, record: DictionaryRecord) -> Entry:
-        prepared = solvers.prepare(
-            record.directions, record.bias, gram_budget_bytes=self.gram_budget_bytes
+        choice = solvers.choose_path(
+            record.directions.shape[0], STORE_DTYPE, gram_budget_bytes=self.gram_budget_bytes
         )
-        entry = Entry(record, prepared)
+        prepared = solvers.prepare(record.directions, record.bias, gram=choice.gram)
+        entry = Entry(record, prepared, choice)
         self._entries[record.id] = entry
         self._names[record.name] = record.id
         return entry

@@ -40,6 +40,18 @@ class NormsSummary(BaseModel):
     mean: float
 
 
+class Placement(BaseModel):
+    gram_bytes: int = Field(description="Size of the Gram matrix, built or not.")
+    gram_budget_bytes: int | None = Field(
+        description="The largest Gram matrix the server would build when this one loaded."
+    )
+    device_bytes: int = Field(description="Device memory the prepared dictionary holds.")
+    scan: Literal["float32", "bfloat16"] = Field(
+        description="Precision of OMP's correlation scan (selections are float32's either way)."
+    )
+    reason: str = Field(description="Why this path was chosen.")
+
+
 class DictionaryInfo(BaseModel):
     id: str = Field(description="Content hash of the arrays: same content, same id.")
     name: str
@@ -49,6 +61,7 @@ class DictionaryInfo(BaseModel):
     has_bias: bool
     norms: NormsSummary = Field(description="Summary of the directions' Euclidean norms.")
     path: Literal["gram", "matrix-free"] = Field(description="Solver execution path.")
+    placement: Placement = Field(description="Why this path, and the memory it takes.")
     warm: bool = Field(
         description="The default programs (OMP, k=8, every batch bucket) are compiled; "
         "stays false with UNFOLD_WARMUP=false."

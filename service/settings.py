@@ -8,8 +8,6 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-import solvers
-
 
 class Settings(BaseSettings):
     """Every knob of the service; each is also an environment variable `UNFOLD_<NAME>`."""
@@ -20,10 +18,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     data_dir: Path = Field(Path("data"), description="Where dictionaries are stored.")
     demo: bool = Field(True, description="Register the demo dictionary when the store is empty.")
-    gram_budget_bytes: int = Field(
-        solvers.DEFAULT_GRAM_BUDGET_BYTES,
+    gram_budget_bytes: int | None = Field(
+        None,
         ge=0,
-        description="Largest Gram matrix precomputed per dictionary; larger ones run matrix-free.",
+        description=(
+            "Largest Gram matrix precomputed per dictionary; larger ones run matrix-free. "
+            "Unset: half of the memory available on the device when the dictionary loads "
+            "(the host's available memory on a CPU)."
+        ),
     )
     max_rows: int = Field(65536, ge=1, description="Most activation rows in one request.")
     log_level: str = Field("info", description="uvicorn log level.")

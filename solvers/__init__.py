@@ -7,18 +7,27 @@ model is ``x = codes @ dictionary + bias``.
     >>> import solvers
     >>> result = solvers.unfold(activations, dictionary, method="omp", k=8)
     >>> result.to_dense()  # (batch, n_features)
+
+Inside your own jitted code: ``solvers.solve(settings, prepared, x)`` (device arrays).
 """
 
-from ._api import DEFAULT_BLOCK_ROWS, METHODS, make_settings, unfold
-from ._dictionary import DEFAULT_GRAM_BUDGET_BYTES, Dictionary, gram_bytes, prepare
+from ._api import METHODS, make_settings, solve, unfold
+from ._dictionary import (
+    Dictionary,
+    PathChoice,
+    available_bytes,
+    choose_path,
+    gram_bytes,
+    prepare,
+)
 from ._lasso import FISTA, ISTA, Lasso
 from ._omp import OMP
-from ._result import STATUS_MESSAGES, Status, UnfoldResult
+from ._plan import DEFAULT_BLOCK_ROWS, Plan, plan_for
+from ._result import STATUS_MESSAGES, Solution, Status, UnfoldResult
 from ._validation import check_dictionary
 
 __all__ = [
     "DEFAULT_BLOCK_ROWS",
-    "DEFAULT_GRAM_BUDGET_BYTES",
     "FISTA",
     "ISTA",
     "METHODS",
@@ -26,11 +35,18 @@ __all__ = [
     "OMP",
     "STATUS_MESSAGES",
     "Dictionary",
+    "PathChoice",
+    "Plan",
+    "Solution",
     "Status",
     "UnfoldResult",
+    "available_bytes",
     "check_dictionary",
+    "choose_path",
     "gram_bytes",
     "make_settings",
+    "plan_for",
     "prepare",
+    "solve",
     "unfold",
 ]

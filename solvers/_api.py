@@ -1,11 +1,10 @@
-"""The public entry point: `unfold(activations, dictionary, method=..., **params)`."""
+"""The public entry points: `unfold` (numpy in and out, any batch size) and `solve` (pure JAX,
+jittable), and the host-side running of a batch as padded calls on threads."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
-import os
 import threading
 
 import jax
@@ -15,54 +14,18 @@ import numpy as np
 from ._dictionary import Dictionary, precision, prepare
 from ._lasso import FISTA, ISTA, Lasso
 from ._omp import OMP
-from ._result import ChunkSolution, UnfoldResult
+from ._plan import Plan, plan_for
+from ._products import einsum, matmul
+from ._result import ChunkSolution, Solution, UnfoldResult
 from ._validation import check_activations, check_positive_int
 
 METHODS: dict[str, type] = {"omp": OMP, "ista": ISTA, "fista": FISTA, "lasso": Lasso}
 """Solver settings class of each method name."""
 
-DEFAULT_CHUNK_ROWS = 8
-"""Rows solved together on the Gram path by methods without a ``gram_chunk_rows`` of their own,
-and the fewest on the matrix-free path."""
-DEFAULT_BLOCK_ROWS = 1024
-"""Rows per compiled call; larger batches run as several calls of this size."""
-CHUNK_BYTES = 64 << 20
-"""Matrix-free path: chunks as large as keeps a (chunk, n_features) array under this size
-(every step multiplies the chunk by the whole dictionary: more rows use the product better)."""
-MAX_CHUNK_ROWS = 256
-MAX_STREAMS = 8
-"""Most calls solved at once (`default_streams`)."""
 RUN_ALONE = threading.Lock()
-"""Held by the calls of settings whose ``runs_alone`` is true, in every thread of the process:
+"""Held by the calls of plans whose ``run_alone`` is true, in every thread of the process:
 XLA's CPU runtime is shared by the whole process, and such programs deadlock when two run at
 once."""
-
-
-def default_chunk_rows(dictionary: Dictionary, settings=None) -> int:
-    """Rows solved together: on the Gram path the method's own ``gram_chunk_rows`` (default
-    `DEFAULT_CHUNK_ROWS`), a power of two bounded by `CHUNK_BYTES` and `MAX_CHUNK_ROWS` on the
-    matrix-free path."""
-    if dictionary.gram is not None:
-        return getattr(settings, "gram_chunk_rows", DEFAULT_CHUNK_ROWS)
-    rows = CHUNK_BYTES // (dictionary.n_features * dictionary.dtype.itemsize)
-    rows = min(max(rows, DEFAULT_CHUNK_ROWS), MAX_CHUNK_ROWS)
-    return 1 << (rows.bit_length() - 1)
-
-
-def default_streams(dictionary: Dictionary) -> int:
-    """Calls solved at once, each from its own thread. XLA's CPU runtime runs separate calls
-    side by side but not the independent loops of one call (jaxlib 0.10), and its splitting
-    of single ops across threads leaves cores idle in the solvers' small steps; so on a CPU
-    the Gram path runs one call per core (P1, interleaved runs: OMP 1668-1937 rows/s against
-    1506-1616 in one call, non-negative LASSO 1055-1087 against 566-739). Elsewhere (GPU/TPU),
-    and on the matrix-free path whose products use every core already, one."""
-    if dictionary.gram is None or jax.default_backend() != "cpu":
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_STREAMS))
 
 
 def make_settings(method: str, dictionary: Dictionary, **params):
@@ -82,9 +45,11 @@ def unfold(
     *,
     bias=None,
     dtype: str | None = None,
+    plan: Plan | None = None,
     chunk_rows: int | None = None,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
+    block_rows: int | None = None,
     streams: int | None = None,
+    scan: str | None = None,
     **params,
 ) -> UnfoldResult:
     """Sparse codes of `activations` over the feature directions of `dictionary`.
@@ -98,10 +63,9 @@ def unfold(
             settings validate them once.
         bias: optional decoder bias of shape (d_model,) (only with a raw dictionary).
         dtype: "float32" or "float64"; None: a prepared dictionary's own, else "float32".
-        chunk_rows, block_rows, streams: execution tuning: rows solved together (default
-            `default_chunk_rows`), rows in flight at once (at most ``block_rows // streams``
-            per call), calls solved at once, each from its own thread (default
-            `default_streams`: one per CPU core on the Gram path).
+        plan: how to run (`Plan`); None: `plan_for` the backend, with `chunk_rows` (rows
+            solved together), `block_rows` (rows per compiled call), `streams` (calls at
+            once, each from its own thread) and `scan` (OMP's scan precision) overriding it.
         **params: the method's settings, e.g. ``k`` and ``tol`` for "omp".
 
     Returns:
@@ -121,15 +85,16 @@ def unfold(
             f"make_settings (alone), got {method!r} with parameters {sorted(params)}"
         )
     x, single = check_activations(activations, dictionary.d_model, dictionary.dtype)
-    if chunk_rows is not None:
-        chunk_rows = check_positive_int("chunk_rows", chunk_rows)
-    if streams is not None:
-        streams = check_positive_int("streams", streams)
-    block_rows = check_positive_int("block_rows", block_rows)
+    overrides = dict(chunk_rows=chunk_rows, block_rows=block_rows, streams=streams)
+    for name, value in overrides.items():
+        if value is not None:
+            check_positive_int(name, value)
+    if plan is None:
+        plan = plan_for(settings, dictionary, scan=scan, **overrides)
+    elif not isinstance(plan, Plan) or any(v is not None for v in (*overrides.values(), scan)):
+        raise ValueError("pass either a Plan or its overrides (chunk_rows, ...), not both")
     with precision(dictionary.dtype):  # float64: JAX's 64-bit mode for this call only
-        result = solve(
-            settings, dictionary, x, chunk_rows=chunk_rows, block_rows=block_rows, streams=streams
-        )
+        result = run(settings, dictionary, x, plan)
     if single:
         fields = result._asdict().items()
         return result._replace(**{f: v[0] for f, v in fields if f != "n_features"})
@@ -161,46 +126,26 @@ def split_rows(n_rows: int, chunk_rows: int, block_rows: int, streams: int) -> l
     return [range(a, b) for a, b in zip(starts, [*starts[1:], n_rows], strict=True)]
 
 
-def solve(
-    settings,
-    dictionary: Dictionary,
-    x: np.ndarray,
-    *,
-    chunk_rows: int | None = None,
-    block_rows: int = DEFAULT_BLOCK_ROWS,
-    streams: int | None = None,
-) -> UnfoldResult:
+def run(settings, dictionary: Dictionary, x: np.ndarray, plan: Plan) -> UnfoldResult:
     """Run validated `settings` on validated activations `x` of shape (batch, d_model).
 
     The batch is cut into calls (`split_rows`), each padded (`padded_rows`) so that any batch
-    size reuses a handful of compiled programs; `streams` calls run at once, each from its own
-    thread (`run_in_lanes`; JAX releases the GIL while a call runs).
+    size reuses a handful of compiled programs; ``plan.streams`` calls run at once, each from
+    its own thread (`run_in_lanes`; JAX releases the GIL while a call runs).
     """
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(dictionary, settings)
-    if streams is None:
-        streams = default_streams(dictionary)
-    block_rows = max(chunk_rows, block_rows - block_rows % chunk_rows)
-    min_rows = getattr(settings, "gram_min_rows", 1) if dictionary.gram is not None else 1
 
-    def run(rows: range) -> list[np.ndarray]:
-        padded = np.zeros(
-            (padded_rows(len(rows), chunk_rows, block_rows, min_rows), x.shape[1]), x.dtype
-        )
+    def call(rows: range) -> list[np.ndarray]:
+        n_padded = padded_rows(len(rows), plan.chunk_rows, plan.block_rows, plan.min_rows)
+        padded = np.zeros((n_padded, x.shape[1]), x.dtype)
         padded[: len(rows)] = x[rows.start : rows.stop]
         with precision(dictionary.dtype):  # thread-local: entered by each thread
-            out = _solve_block(
-                settings, dictionary, jnp.asarray(padded), min(chunk_rows, padded.shape[0])
-            )
+            out = _solve_jit(settings, dictionary, jnp.asarray(padded), plan)
             return [np.asarray(field)[: len(rows)] for field in out]
 
-    alone = getattr(settings, "runs_alone", False)
-    if alone:
-        streams = 1
-    calls = split_rows(x.shape[0], chunk_rows, block_rows, streams)
-    # One call at a time, and none of another such program alongside, for those that run alone.
-    with RUN_ALONE if alone else contextlib.nullcontext():
-        parts = run_in_lanes(run, calls, min(streams, len(calls)))
+    calls = split_rows(x.shape[0], plan.chunk_rows, plan.block_rows, plan.streams)
+    # One call at a time, and none of another such program alongside, for plans that run alone.
+    with RUN_ALONE if plan.run_alone else contextlib.nullcontext():
+        parts = run_in_lanes(call, calls, min(plan.streams, len(calls)))
     fields = [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
     return UnfoldResult(*fields, n_features=dictionary.n_features)
 
@@ -247,19 +192,32 @@ _LANE_POOL = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="unfold-st
 """The process's helper threads for `run_in_lanes` (a pool starts its threads on first use)."""
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int):
-    """Solve activations (batch, d_model), batch % chunk_rows == 0, chunk after chunk
-    (`lax.map`).
+def solve(settings, dictionary: Dictionary, x: jax.Array, plan: Plan | None = None) -> Solution:
+    """Sparse codes of activations `x` of shape (batch, d_model): pure JAX, usable inside
+    jitted code (``jax.jit(solvers.solve, static_argnames="plan")``).
 
-    `settings` is a pytree: its float fields (tol, alpha) are traced, the rest is static, so
-    one program serves every penalty and tolerance.
+    Args:
+        settings: from `make_settings` (a pytree: its float fields, such as `tol` and
+            `alpha`, are traced, the rest is static, so one program serves every penalty and
+            tolerance).
+        dictionary: from `prepare`.
+        x: of shape (batch, d_model), in the dictionary's dtype.
+        plan: how to run (static); None: `plan_for` the dictionary's backend. Rows are solved
+            ``plan.chunk_rows`` at a time (`lax.map` over chunks; a partial chunk is padded).
 
-    A method whose settings have ``uses_correlations = True`` gets, on the Gram path,
-    ``correlations=chunk @ atoms.T`` computed for all the rows in one product.
+    Returns:
+        A `Solution` of device arrays, each of shape (batch, ...).
     """
+    if plan is None:
+        plan = plan_for(settings, dictionary)
+    batch, d_model = x.shape
+    if d_model != dictionary.d_model:
+        raise ValueError(f"x has shape {x.shape}; it needs (batch, {dictionary.d_model})")
+    chunk_rows = max(1, min(plan.chunk_rows, batch))
+    n_chunks = -(-batch // chunk_rows)
     centred = x - dictionary.bias
-    d_model = centred.shape[1]
+    if n_chunks * chunk_rows != batch:  # zero rows stop at once (EXACT)
+        centred = jnp.pad(centred, ((0, n_chunks * chunk_rows - batch), (0, 0)))
     with_correlations = dictionary.gram is not None and getattr(
         settings, "uses_correlations", False
     )
@@ -267,20 +225,27 @@ def _solve_block(settings, dictionary: Dictionary, x: jax.Array, chunk_rows: int
     def solve_chunk(args):
         chunk, correlations = args
         if with_correlations:
-            sol: ChunkSolution = settings.solve(dictionary, chunk, correlations=correlations)
+            sol = settings.solve(dictionary, chunk, correlations=correlations, plan=plan)
         else:
-            sol = settings.solve(dictionary, chunk)
+            sol = settings.solve(dictionary, chunk, plan=plan)
         checks = diagnostics(dictionary, chunk, sol)
         return (*sol[:2], *checks, sol.n_iter, sol.status, sol.duality_gap)
 
-    chunks = centred.reshape(-1, chunk_rows, d_model)
-    if with_correlations:
-        correlations = (centred @ dictionary.atoms.T).reshape(-1, chunk_rows, dictionary.n_features)
+    chunks = centred.reshape(n_chunks, chunk_rows, d_model)
+    if with_correlations:  # one product for all the rows
+        correlations = matmul(centred, dictionary.atoms.T)
+        correlations = correlations.reshape(n_chunks, chunk_rows, dictionary.n_features)
     else:
-        correlations = jnp.zeros((chunks.shape[0], 0), centred.dtype)
-    out = jax.lax.map(solve_chunk, (chunks, correlations))
+        correlations = jnp.zeros((n_chunks, 0), centred.dtype)
+    if n_chunks == 1:
+        out = jax.tree_util.tree_map(lambda a: a[None], solve_chunk((chunks[0], correlations[0])))
+    else:
+        out = jax.lax.map(solve_chunk, (chunks, correlations))
     # Each output is (chunks, chunk_rows, ...): back to (batch, ...).
-    return tuple(field.reshape(-1, *field.shape[2:]) for field in out)
+    return Solution(*(field.reshape(-1, *field.shape[2:])[:batch] for field in out))
+
+
+_solve_jit = jax.jit(solve, static_argnames="plan")
 
 
 GATHER_WIDTH = 64
@@ -296,11 +261,11 @@ def diagnostics(dictionary: Dictionary, x: jax.Array, sol: ChunkSolution):
     def residual_norm_of_codes():
         if width <= GATHER_WIDTH:
             atoms = dictionary.atoms[jnp.maximum(sol.indices, 0)]  # (batch, width, d_model)
-            reconstruction = jnp.einsum("bw,bwm->bm", values, atoms)
+            reconstruction = einsum("bw,bwm->bm", values, atoms)
         else:  # padding slots add 0 to feature 0
             dense = jnp.zeros((batch, dictionary.n_features), values.dtype)
             dense = dense.at[jnp.arange(batch)[:, None], jnp.maximum(sol.indices, 0)].add(values)
-            reconstruction = dense @ dictionary.atoms
+            reconstruction = matmul(dense, dictionary.atoms)
         return jnp.linalg.norm(x - reconstruction, axis=1)
 
     if sol.residual_norm is None:

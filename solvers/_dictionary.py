@@ -1,18 +1,26 @@
-"""A dictionary with its once-per-dictionary precomputation (norms, Gram, Lipschitz constant)."""
+"""A dictionary with its once-per-dictionary precomputation (norms, Gram, Lipschitz constant),
+and the choice between the Gram and the matrix-free path, made from the device's memory."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._products import STRICT, matmul
 from ._validation import check_dictionary, check_dtype
 
-DEFAULT_GRAM_BUDGET_BYTES = 1 << 30
-"""Largest Gram matrix `prepare` builds by default (1 GiB: 16k features in float32)."""
+GRAM_MEMORY_FRACTION = 0.5
+"""By default a Gram matrix is built when it takes at most this share of the memory available
+on the device (on a CPU: the host's available memory) when the dictionary is prepared."""
+GRAM_BLOCK_BYTES = 256 << 20
+"""The Gram matrix is computed this many bytes of rows at a time, into its final buffer."""
+SCANS = ("float32", "bfloat16")
+"""Precisions of OMP's correlation scan on the matrix-free path (see `solvers._scan`)."""
 
 
 class Dictionary(NamedTuple):
@@ -26,6 +34,11 @@ class Dictionary(NamedTuple):
         norms: row norms of `atoms`, of shape (n_features,).
         gram: ``atoms @ atoms.T`` of shape (n_features, n_features), or None (matrix-free).
         lipschitz: largest eigenvalue of ``atoms.T @ atoms``, a scalar (the LASSO step bound).
+        scan_atoms: `atoms` rounded to bfloat16, of shape (n_features, d_model), for OMP's
+            fast correlation scan on the matrix-free path; None: every scan is strict float32.
+        scan_error: a scalar ``e`` such that a bfloat16 scan's norm-scaled score of any atom is
+            within ``||r - bf16(r)|| + e ||bf16(r)||`` of its float32 value, for a residual
+            ``r`` (`solvers._scan`); None without `scan_atoms`.
     """
 
     atoms: jax.Array
@@ -33,6 +46,8 @@ class Dictionary(NamedTuple):
     norms: jax.Array
     gram: jax.Array | None
     lipschitz: jax.Array
+    scan_atoms: jax.Array | None = None
+    scan_error: jax.Array | None = None
 
     @property
     def n_features(self) -> int:
@@ -45,6 +60,16 @@ class Dictionary(NamedTuple):
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.atoms.dtype)
+
+    @property
+    def path(self) -> str:
+        """ "gram" or "matrix-free"."""
+        return "matrix-free" if self.gram is None else "gram"
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory of every array held."""
+        return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self))
 
 
 def precision(dtype) -> contextlib.AbstractContextManager:
@@ -64,13 +89,83 @@ def gram_bytes(n_features: int, dtype="float32") -> int:
     return n_features * n_features * np.dtype(dtype).itemsize
 
 
+def host_available_bytes() -> int:
+    """The host's available memory (Linux's MemAvailable: free plus reclaimable)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def available_bytes(device=None) -> int:
+    """Memory free for new arrays on `device` (default: JAX's first device): an accelerator's
+    limit minus what is in use, or on a CPU the host's available memory."""
+    device = jax.devices()[0] if device is None else device
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return host_available_bytes()
+
+
+class PathChoice(NamedTuple):
+    """Which path `prepare` takes, and why (the service reports it)."""
+
+    gram: bool
+    gram_bytes: int
+    budget_bytes: int | None
+    reason: str
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def choose_path(
+    n_features: int,
+    dtype="float32",
+    *,
+    gram: bool | None = None,
+    gram_budget_bytes: int | None = None,
+    device=None,
+) -> PathChoice:
+    """The Gram path when `gram` says so, else when the Gram matrix fits `gram_budget_bytes`,
+    which defaults to `GRAM_MEMORY_FRACTION` of the memory available on `device` now."""
+    size = gram_bytes(n_features, dtype)
+    if gram is not None:
+        reason = "Gram path requested" if gram else "matrix-free path requested"
+        return PathChoice(bool(gram), size, gram_budget_bytes, reason)
+    if gram_budget_bytes is None:
+        device = jax.devices()[0] if device is None else device
+        available = available_bytes(device)
+        budget = int(available * GRAM_MEMORY_FRACTION)
+        source = (
+            f"{GRAM_MEMORY_FRACTION:.0%} of the {_gb(available)} available on {device.platform}"
+        )
+    else:
+        budget, source = int(gram_budget_bytes), "the configured budget"
+    fits = size <= budget
+    verb = "fits" if fits else "exceeds"
+    reason = f"the Gram matrix ({_gb(size)}) {verb} {source} ({_gb(budget)})"
+    return PathChoice(fits, size, budget, reason)
+
+
 def prepare(
     dictionary,
     bias=None,
     *,
     dtype: str | None = None,
     gram: bool | None = None,
-    gram_budget_bytes: int = DEFAULT_GRAM_BUDGET_BYTES,
+    gram_budget_bytes: int | None = None,
+    scan: str | None = None,
 ) -> Dictionary:
     """Validate a dictionary and precompute what every solve over it needs.
 
@@ -83,8 +178,13 @@ def prepare(
         dtype: "float32" or "float64" (computed in JAX's 64-bit mode, enabled locally: see
             `precision`); None: a prepared dictionary's own, else "float32".
         gram: True to build the Gram matrix, False for the matrix-free path, None to decide by
-            `gram_budget_bytes`.
-        gram_budget_bytes: the largest Gram matrix built automatically.
+            memory (`choose_path`).
+        gram_budget_bytes: the largest Gram matrix built automatically; None: a share of the
+            memory available on the device (`GRAM_MEMORY_FRACTION`).
+        scan: precision of OMP's correlation scan on the matrix-free path, "float32" or
+            "bfloat16" (selections stay those of float32: see `solvers._scan`); None:
+            "bfloat16" on an accelerator (GPU, TPU) for a float32 matrix-free dictionary,
+            else "float32".
 
     Raises:
         ValueError: non-2-D, empty, non-finite or all-zero rows, bias of the wrong shape.
@@ -98,16 +198,56 @@ def prepare(
         if bias is not None:
             raise ValueError("pass bias to prepare() once, not again with a prepared dictionary")
         return dictionary
+    if scan is not None and scan not in SCANS:
+        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
     atoms, bias = check_dictionary(dictionary, bias, np_dtype)
-    if gram is None:
-        gram = gram_bytes(atoms.shape[0], np_dtype) <= gram_budget_bytes
+    with_gram = choose_path(
+        atoms.shape[0], np_dtype, gram=gram, gram_budget_bytes=gram_budget_bytes
+    ).gram
+    if scan is None:
+        accelerator = jax.default_backend() != "cpu"
+        scan = "bfloat16" if accelerator and not with_gram and np_dtype == np.float32 else "float32"
+    if scan == "bfloat16" and np_dtype != np.float32:
+        raise ValueError("a bfloat16 scan needs a float32 dictionary")
     with precision(np_dtype):
-        return _precompute(jnp.asarray(atoms), jnp.asarray(bias), bool(gram))
+        atoms, bias = jnp.asarray(atoms), jnp.asarray(bias)
+        norms = jnp.linalg.norm(atoms, axis=1)
+        # d_model x d_model covariance: small even when n_features is huge.
+        lipschitz = jnp.linalg.eigvalsh(matmul(atoms.T, atoms))[-1]
+        gram_matrix = gram_of(atoms) if with_gram else None
+        scan_atoms, scan_error = _scan_atoms(atoms, norms) if scan == "bfloat16" else (None, None)
+        return Dictionary(atoms, bias, norms, gram_matrix, lipschitz, scan_atoms, scan_error)
 
 
-def _precompute(atoms: jax.Array, bias: jax.Array, with_gram: bool) -> Dictionary:
-    norms = jnp.linalg.norm(atoms, axis=1)
-    # d_model x d_model covariance: small even when n_features is huge.
-    lipschitz = jnp.linalg.eigvalsh(atoms.T @ atoms)[-1]
-    gram = atoms @ atoms.T if with_gram else None
-    return Dictionary(atoms, bias, norms, gram, lipschitz)
+def gram_of(atoms: jax.Array) -> jax.Array:
+    """``atoms @ atoms.T`` in strict precision, computed a block of rows at a time into one
+    buffer (donated from block to block), so it never needs more than its own size plus a
+    block."""
+    n_features = atoms.shape[0]
+    rows = max(1, min(n_features, GRAM_BLOCK_BYTES // (n_features * atoms.dtype.itemsize)))
+    gram = jnp.empty((n_features, n_features), atoms.dtype)
+    for start in range(0, n_features, rows):
+        gram = _gram_rows_into(gram, atoms, start, min(rows, n_features - start))
+    return gram
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=(2, 3))
+def _gram_rows_into(gram: jax.Array, atoms: jax.Array, start: int, rows: int) -> jax.Array:
+    block = jax.lax.dot_general(
+        atoms[start : start + rows], atoms, (((1,), (1,)), ((), ())), precision=STRICT
+    )
+    return jax.lax.dynamic_update_slice_in_dim(gram, block, start, axis=0)
+
+
+@jax.jit
+def _scan_atoms(atoms: jax.Array, norms: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """bfloat16 atoms and their `Dictionary.scan_error`: the largest relative rounding error
+    of an atom, ``||d - bf16(d)|| / ||d||``, plus a bound on float32 accumulation over d_model
+    terms (``d_model 2^-22``, four times the worst case ``d_model 2^-24``, times the largest
+    ``||bf16(d)|| / ||d||``) and on the rounding of the scaling by ``1 / ||d||`` (``2^-22``)."""
+    low = atoms.astype(jnp.bfloat16)
+    high = low.astype(atoms.dtype)
+    rounding = jnp.linalg.norm(atoms - high, axis=1) / norms
+    growth = jnp.linalg.norm(high, axis=1) / norms
+    accumulation = atoms.shape[1] * 2.0**-22
+    return low, jnp.max(rounding + accumulation * growth) + 2.0**-22

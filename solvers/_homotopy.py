@@ -31,6 +31,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._products import einsum
+
 DEPENDENT_SCHUR = 1e3
 """A feature whose Schur complement is under this many epsilons of its squared norm is
 (numerically) dependent on the active set: the path stops there."""
@@ -139,9 +141,9 @@ def follow_path(
         s, active, slot_speed, t, barred, go, finished, crowded, steps = carry
         used = s.signs != 0
         # d codes / dt on the active set keeps each active correlation at +-lam_j(t).
-        direction = jnp.einsum("bij,bj->bi", s.inverse, s.signs * slot_speed)
+        direction = einsum("bij,bj->bi", s.inverse, s.signs * slot_speed)
         # One pass over the slots' Gram rows: the correlations and their rate of change.
-        both = jnp.einsum("bkm,bmw->bkw", jnp.stack([s.codes, direction], 1), s.gram_rows)
+        both = einsum("bkm,bmw->bkw", jnp.stack([s.codes, direction], 1), s.gram_rows)
         correlations = targets - both[:, 0]
         rate = both[:, 1]  # c(t + dt) = c - dt * rate
         lam = penalties - t[:, None] * speed  # (batch, w) lam_j(t)
@@ -183,7 +185,7 @@ def follow_path(
 
         # The entering feature against the active set: its Schur complement, and a free slot.
         column = jnp.where(used, s.gram_rows[rows, :, entering], 0.0)  # G[A, j]
-        overlap = jnp.einsum("bij,bj->bi", s.inverse, column)  # G[A, A]^-1 G[A, j]
+        overlap = einsum("bij,bj->bi", s.inverse, column)  # G[A, A]^-1 G[A, j]
         norm_sq = squared_norms[rows, entering]
         schur = norm_sq - jnp.sum(column * overlap, axis=1)
         free = jnp.min(jnp.where(used, capacity, slots), axis=1)  # first free slot

@@ -43,6 +43,7 @@ import numpy as np
 
 from ._dictionary import Dictionary
 from ._homotopy import PathState, empty_path, follow_path
+from ._products import einsum, matmul
 from ._proximal import (
     dual_scale,
     duality_gap,
@@ -121,11 +122,12 @@ class _L1Settings:
     default_max_iter: ClassVar[int] = 1000
     uses_correlations: ClassVar[bool] = True
     """`solve` accepts ``correlations = x @ atoms.T`` computed for a whole block at once."""
-    gram_chunk_rows: ClassVar[int] = 64
-    """Rows solved together on the Gram path: each proximal-gradient step (ISTA, FISTA) or
-    working-set refresh (LASSO) multiplies them by the whole dictionary, which pays off for
-    many rows at once (P1, FISTA alpha=0.05: 29 rows/s in chunks of 64 against 13 in 8; the
-    LASSO: 1060 against 1004 in 32 and 923 in 128)."""
+
+    def row_floats(self, n_features: int, d_model: int, gram: bool) -> int:
+        """Floats of working memory a row takes (`solvers.Plan` sizes calls by it): codes,
+        momentum, correlations and temporaries of n_features, and the working sets' blocks."""
+        width = min(2 * self.max_nonzero, n_features)
+        return 8 * n_features + 4 * width * (width + d_model)
 
     @classmethod
     def from_params(
@@ -160,7 +162,9 @@ class ISTA(_L1Settings):
 
     name: ClassVar[str] = "ista"
 
-    def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
+    def solve(
+        self, dictionary: Dictionary, x: jax.Array, correlations=None, plan=None
+    ) -> ChunkSolution:
         return solve_proximal_gradient(self, dictionary, x, correlations, accelerated=False)
 
 
@@ -170,7 +174,9 @@ class FISTA(_L1Settings):
 
     name: ClassVar[str] = "fista"
 
-    def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
+    def solve(
+        self, dictionary: Dictionary, x: jax.Array, correlations=None, plan=None
+    ) -> ChunkSolution:
         return solve_proximal_gradient(self, dictionary, x, correlations, accelerated=True)
 
 
@@ -187,7 +193,9 @@ class Lasso(_L1Settings):
     name: ClassVar[str] = "lasso"
     default_max_iter: ClassVar[int] = 10000
 
-    def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
+    def solve(
+        self, dictionary: Dictionary, x: jax.Array, correlations=None, plan=None
+    ) -> ChunkSolution:
         """Solve a chunk of centred activations `x` of shape (batch, d_model); `correlations`,
         optional, is ``x @ dictionary.atoms.T`` of shape (batch, n_features)."""
         return solve_lasso(self, dictionary, x, correlations)
@@ -254,13 +262,13 @@ def solve_proximal_gradient(
     step = 1.0 / (dictionary.lipschitz * STEP_MARGIN)
     x_norm = jnp.linalg.norm(x, axis=1)
     x_sq = x_norm * x_norm
-    alpha0 = x @ atoms.T if correlations is None else correlations  # (batch, n_features)
+    alpha0 = matmul(x, atoms.T) if correlations is None else correlations  # (batch, n_features)
 
     def correlations(codes):
         """``D (x - codes @ D)`` of shape (batch, n_features)."""
         if use_gram:
-            return alpha0 - codes @ dictionary.gram
-        return (x - codes @ atoms) @ atoms.T
+            return alpha0 - matmul(codes, dictionary.gram)
+        return matmul(x - matmul(codes, atoms), atoms.T)
 
     def gap_at(codes):
         if use_gram:
@@ -269,12 +277,12 @@ def solve_proximal_gradient(
                 x_sq - jnp.sum(codes * alpha0, axis=1) - jnp.sum(codes * corr, axis=1), 0.0
             )
         else:
-            residual = x - codes @ atoms
+            residual = x - matmul(codes, atoms)
             residual_sq = jnp.sum(residual * residual, axis=1)
-            corr = residual @ atoms.T
+            corr = matmul(residual, atoms.T)
         scale = dual_scale(corr, alpha, positive)
         gap, primal = duality_gap(residual_sq, codes, corr, scale, alpha)
-        floor = gap_floor(x_norm, jnp.abs(codes) @ dictionary.norms, dtype)
+        floor = gap_floor(x_norm, matmul(jnp.abs(codes), dictionary.norms), dtype)
         return gap, gap_met(gap, primal, floor, settings.tol)
 
     def step_once(_, s: _PGState) -> _PGState:
@@ -401,7 +409,7 @@ def solve_lasso(
     max_iter = settings.max_iter
     x_norm = jnp.linalg.norm(x, axis=1)
     x_sq = x_norm * x_norm
-    alpha0 = x @ atoms.T if correlations is None else correlations  # (batch, n_features)
+    alpha0 = matmul(x, atoms.T) if correlations is None else correlations  # (batch, n_features)
     lipschitz = dictionary.lipschitz * STEP_MARGIN
 
     def check(codes, residual, n_iter, *, exact, full, last_tier, previous_done, corr=None):
@@ -410,11 +418,11 @@ def solve_lasso(
         of their working set, a gap under the rounding floor counts as met only when no
         feature is past alpha: its correlation is known far better than the gap."""
         residual_sq = jnp.sum(residual * residual, axis=1)
-        corr = residual @ atoms.T if corr is None else corr
+        corr = matmul(residual, atoms.T) if corr is None else corr
         peak = peak_correlation(corr, positive)
         scale = scale_from_peak(peak, alpha)
         gap, primal = duality_gap(residual_sq, codes, corr, scale, alpha)
-        floor = gap_floor(x_norm, jnp.abs(codes) @ dictionary.norms, dtype)
+        floor = gap_floor(x_norm, matmul(jnp.abs(codes), dictionary.norms), dtype)
         violated = exact & (peak > alpha * (1.0 + EXACT_SLACK))
         met = gap_met(gap, primal, jnp.where(violated, 0.0, floor), tol)
         done = previous_done | met | (n_iter >= max_iter) | (full & (not last_tier))
@@ -472,8 +480,8 @@ def solve_lasso(
         def apply_gram(c, block):
             if block_free:  # block holds the working set's indices (batch, w)
                 dense = jnp.zeros((batch, n_features), dtype).at[rows, block].set(c)
-                return jnp.take_along_axis((dense @ atoms) @ atoms.T, block, axis=1)
-            return jnp.einsum("bw,bwv->bv", c, block)
+                return jnp.take_along_axis(matmul(matmul(dense, atoms), atoms.T), block, axis=1)
+            return einsum("bw,bwv->bv", c, block)
 
         def body(carry: tuple[_Outer, PathState, jax.Array, jax.Array, jax.Array]):
             s, current, level, fallback, previous = carry
@@ -506,7 +514,7 @@ def solve_lasso(
                         features[..., None],
                         working_set.reshape((batch,) + (1,) * (features.ndim - 1) + (width,)),
                     ]
-                return jnp.einsum("b...d,bwd->b...w", atoms[features], sub)
+                return einsum("b...d,bwd->b...w", atoms[features], sub)
 
             path_steps = jnp.zeros((batch,), jnp.int32)
             crowded_path = jnp.zeros((batch,), bool)
@@ -578,7 +586,7 @@ def solve_lasso(
                     block = gram_rows(working_set)
                     bound = jnp.max(jnp.sum(jnp.abs(block), axis=2), axis=1)
                     step = 1.0 / jnp.minimum(bound * STEP_MARGIN, lipschitz)
-                floor = gap_floor(x_norm, jnp.abs(s.codes) @ dictionary.norms, dtype)
+                floor = gap_floor(x_norm, matmul(jnp.abs(s.codes), dictionary.norms), dtype)
                 target = jnp.maximum(
                     INNER_FRACTION * tol * s.primal, jnp.maximum(floor, INNER_REDUCTION * s.gap)
                 )
@@ -607,17 +615,17 @@ def solve_lasso(
             crowded = crowded & (width < n_features)
             full = crowded & s.crowded  # early iterates may be dense: only a lasting excess
             if block_free:
-                residual = x - codes @ atoms
+                residual = x - matmul(codes, atoms)
             else:  # from the path's slots (and the working set for FISTA's rows, if any):
                 # gathered atoms are cheaper than a product with the dictionary
                 on_slots = jnp.where(current.positions >= 0, current.codes, 0.0)
                 slot_atoms = atoms[jnp.maximum(current.positions, 0)]
-                residual = x - jnp.einsum("bm,bmd->bd", on_slots, slot_atoms)
+                residual = x - einsum("bm,bmd->bd", on_slots, slot_atoms)
                 residual = jax.lax.cond(
                     jnp.any(polish),
                     lambda r: jnp.where(
                         polish[:, None],
-                        x - jnp.einsum("bw,bwd->bd", codes_w, atoms[working_set]),
+                        x - einsum("bw,bwd->bd", codes_w, atoms[working_set]),
                         r,
                     ),
                     lambda r: r,

@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._dictionary import Dictionary
+from ._products import einsum, matmul
 from ._result import ChunkSolution, Status
+from ._scan import exact_select, scan
 from ._validation import check_nonnegative, check_positive_int
 
 SEGMENT = 8
@@ -70,25 +72,12 @@ class OMP:
 
     uses_correlations = True
     """`solve` accepts ``correlations = x @ atoms.T`` computed for a whole block at once."""
-    gram_chunk_rows = 4
-    """Rows solved together on the Gram path: each row keeps its own Gram rows (up to k + 1 of
-    n_features), and few rows keep them in cache (P1, k=32, interleaved medians: 1879 rows/s
-    in chunks of 4 against 1631 in 8 and 1189 in 16; non-negative OMP 1234 against 1013)."""
 
-    @property
-    def runs_alone(self) -> bool:
-        """Whether each call must run with no other solver call alongside (`solvers._api`):
-        non-negative OMP factors its support's Gram block with LAPACK's Cholesky inside its
-        loop, and two such programs running at once deadlock in jaxlib 0.10's CPU runtime
-        (seen from k=120 on a 500 x 120 dictionary; a loop around ``jnp.linalg.cholesky``
-        of (4, 120, 120) alone does it)."""
-        return self.positive
-
-    gram_min_rows = 2
-    """On the Gram path a lone row is solved padded to two: XLA compiles the one-row loop with
-    copies of the stored Gram rows at every step (the size-1 batch axis gives the product and
-    the loop state two layouts), and two rows take less time than one (8192 x 512, k=32,
-    interleaved medians: OMP 3.8 against 5.6 ms, non-negative OMP 5.2 against 7.9 ms)."""
+    def row_floats(self, n_features: int, d_model: int, gram: bool) -> int:
+        """Floats of working memory a row takes (`solvers.Plan` sizes calls by it): the
+        correlations and a few temporaries of n_features, and the stored Gram rows or atoms."""
+        stored = (self.k + 1) * n_features if gram else self.k * d_model
+        return 4 * n_features + stored + 2 * self.k * self.k
 
     @classmethod
     def from_params(cls, dictionary: Dictionary, k=None, tol=None, positive=False) -> OMP:
@@ -103,16 +92,22 @@ class OMP:
         # At most d_model atoms can be linearly independent.
         return cls(k=min(k, n_features, d_model), tol=tol, positive=bool(positive))
 
-    def solve(self, dictionary: Dictionary, x: jax.Array, correlations=None) -> ChunkSolution:
+    def solve(
+        self, dictionary: Dictionary, x: jax.Array, correlations=None, plan=None
+    ) -> ChunkSolution:
         """Solve a chunk of centred activations `x` of shape (batch, d_model).
 
         `correlations`, optional, is ``x @ dictionary.atoms.T`` of shape (batch, n_features).
+        `plan` (`solvers.Plan`), optional, picks the selection kernel (``native_argmax``) and
+        the matrix-free scan's precision (``scan``).
         """
         if correlations is None:
-            correlations = x @ dictionary.atoms.T
+            correlations = matmul(x, dictionary.atoms.T)
+        native = bool(getattr(plan, "native_argmax", False))
         if self.positive:
-            return solve_nnomp(self, dictionary, x, correlations)
-        return solve_omp(self, dictionary, x, correlations)
+            return solve_nnomp(self, dictionary, x, correlations, native=native)
+        fast_scan = getattr(plan, "scan", "float32") == "bfloat16"
+        return solve_omp(self, dictionary, x, correlations, native=native, fast_scan=fast_scan)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -126,19 +121,27 @@ def _block_width(n_features: int) -> int:
     return 0
 
 
-def select(correlations: jax.Array, inv_norms: jax.Array | None, positive: bool):
+def select(
+    correlations: jax.Array, inv_norms: jax.Array | None, positive: bool, native: bool = False
+):
     """Best atom of each row: (index, score), the first maximiser of the norm-scaled
     correlation ``correlations * inv_norms`` (its absolute value unless `positive`).
 
     `correlations` of shape (batch, n_features); `inv_norms` of shape (n_features,), or None
     when the correlations are already scaled (unit-norm atoms): then each pass reads them
-    once and writes nothing. Returns two arrays of shape (batch,). Same result as ``argmax``
-    (first index on ties), in vectorised passes: XLA's CPU argmax is a scalar loop.
+    once and writes nothing. Returns two arrays of shape (batch,). `native`: ``jnp.argmax``
+    (accelerators); else the same result (first index on ties) in vectorised passes, as XLA's
+    CPU argmax is a scalar loop.
     """
 
     def scores(c, inv):
         c = c if positive else jnp.abs(c)
         return c if inv is None else c * inv
+
+    if native:
+        score = scores(correlations, inv_norms)
+        index = jnp.argmax(score, axis=1).astype(jnp.int32)
+        return index, jnp.take_along_axis(score, index[:, None], axis=1)[:, 0]
 
     def largest(c, inv, axis):
         if inv is not None:
@@ -214,22 +217,34 @@ class OMPState(NamedTuple):
     indices: jax.Array  # (batch, k) selected atoms, -1 when none
     residual_sq: jax.Array  # (batch,) ||r||^2 = ||x||^2 - ||z||^2
     stop: jax.Array  # (batch,) int32 Status + 1 once a row has stopped, 0 while running
+    residual: jax.Array | None = None  # (batch, d_model) r, for the fast scan's re-scoring
+    bound: jax.Array | None = None  # (batch,) error bound of the fast scan's `correlations`
 
 
 def solve_omp(
-    settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.Array
+    settings: OMP,
+    dictionary: Dictionary,
+    x: jax.Array,
+    alpha0: jax.Array,
+    *,
+    native: bool = False,
+    fast_scan: bool = False,
 ) -> ChunkSolution:
     """OMP on a chunk of centred activations `x` of shape (batch, d_model), with
     ``alpha0 = x @ atoms.T`` of shape (batch, n_features).
 
     Indices and values come back of shape (batch, k). Internally the atoms are scaled to unit
-    norm (scores need no scaling pass); values are converted back at the end.
+    norm (scores need no scaling pass); values are converted back at the end. `native`: select
+    with ``jnp.argmax``; `fast_scan` (matrix-free path, `dictionary.scan_atoms` needed): scan
+    correlations in bfloat16 and settle each selection in float32 (`solvers._scan`).
     """
     batch = x.shape[0]
     k = settings.k
     n_features, d_model = dictionary.atoms.shape
     dtype = x.dtype
     use_gram = dictionary.gram is not None
+    if fast_scan and (use_gram or dictionary.scan_atoms is None):
+        raise ValueError("the bfloat16 scan needs a matrix-free dictionary prepared with it")
     eps = jnp.finfo(dtype).eps
     rows = jnp.arange(batch)
     slots = jnp.arange(k)
@@ -238,13 +253,25 @@ def solve_omp(
     inv_norms = 1.0 / dictionary.norms
     alpha0 = alpha0 * inv_norms  # correlations with the unit-norm atoms
 
+    def choose(s: OMPState) -> jax.Array:
+        """The atom each row adds, of shape (batch,)."""
+        if not fast_scan:
+            return select(s.correlations, None, False, native)[0]
+        j, settled = exact_select(s.correlations, s.bound, s.residual, dictionary.atoms, inv_norms)
+
+        def strict(_):
+            scores = matmul(s.residual, dictionary.atoms.T) * inv_norms
+            return jnp.where(settled, j, select(scores, None, False, native)[0])
+
+        return jax.lax.cond(jnp.any(~settled & (s.stop == 0)), strict, lambda _: j, None)
+
     def make_step(start: int):
         """Step t = start + u of the segment starting at step `start`."""
 
         def step(u, s: OMPState) -> OMPState:
             t = start + u
             running = s.stop == 0
-            j, _ = select(s.correlations, None, False)
+            j = choose(s)
             safe = jnp.maximum(s.indices, 0)
             scale = inv_norms[j][:, None]
             if use_gram:
@@ -255,16 +282,16 @@ def solve_omp(
                 )
             else:
                 new = dictionary.atoms[j] * scale  # (batch, d_model), unit norm
-                against = jnp.einsum("bkm,bm->bk", s.stored, new)
+                against = einsum("bkm,bm->bk", s.stored, new)
                 stored = s.stored.at[:, t].set(new)
             against = jnp.where(slots < t, against, 0.0)
-            overlaps = jnp.einsum("bij,bj->bi", s.inv_chol, against)  # <d_j, q_i>
+            overlaps = einsum("bij,bj->bi", s.inv_chol, against)  # <d_j, q_i>
             new_sq = 1.0 - jnp.sum(overlaps * overlaps, axis=1)
             independent = new_sq > 100 * eps
             ok = running & independent
             diag = jnp.sqrt(jnp.where(ok, new_sq, 1.0))
             # Row t of Linv: (e_t - ov^T Linv) / diag.
-            row = jnp.where(slots == t, 1.0, -jnp.einsum("bi,bij->bj", overlaps, s.inv_chol))
+            row = jnp.where(slots == t, 1.0, -einsum("bi,bij->bj", overlaps, s.inv_chol))
             row = jnp.where(ok[:, None], row / diag[:, None], 0.0)
             inv_chol = jax.lax.dynamic_update_slice_in_dim(s.inv_chol, row[:, None, :], t, axis=1)
             z = (alpha0[rows, j] - jnp.sum(overlaps * s.projections, axis=1)) / diag
@@ -282,14 +309,19 @@ def solve_omp(
                     s.stop,
                 ),
             )
-            gamma = jnp.einsum("bij,bi->bj", inv_chol, projections)  # codes on the support
+            gamma = einsum("bij,bi->bj", inv_chol, projections)  # codes on the support
             if use_gram:
                 # [1, -gamma] @ [D x; G[S]]: one product gives D x - gamma @ G[S].
                 weights = jnp.concatenate([jnp.ones((batch, 1), dtype), -gamma], axis=1)
-                correlations = jnp.einsum("bk,bkn->bn", weights[:, : stored.shape[1]], stored)
+                correlations = einsum("bk,bkn->bn", weights[:, : stored.shape[1]], stored)
             else:
-                residual = x - jnp.einsum("bk,bkm->bm", gamma, stored)
-                correlations = (residual @ dictionary.atoms.T) * inv_norms
+                residual = x - einsum("bk,bkm->bm", gamma, stored)
+                if fast_scan:
+                    correlations, bound = scan(
+                        residual, dictionary.scan_atoms, dictionary.scan_error, inv_norms
+                    )
+                else:
+                    correlations = matmul(residual, dictionary.atoms.T) * inv_norms
             return OMPState(
                 correlations=correlations,
                 stored=stored,
@@ -298,6 +330,8 @@ def solve_omp(
                 indices=indices,
                 residual_sq=residual_sq,
                 stop=stop.astype(jnp.int32),
+                residual=residual if fast_scan else None,
+                bound=bound if fast_scan else None,
             )
 
         return step
@@ -310,6 +344,8 @@ def solve_omp(
         indices=jnp.full((batch, k), -1, jnp.int32),
         residual_sq=x_sq,
         stop=_initial_stop(x_sq),
+        residual=x if fast_scan else None,
+        bound=jnp.zeros((batch,), dtype) if fast_scan else None,  # alpha0 is float32
     )
     if use_gram:
         # `stored` is [D x; G[S]] grown by a segment of rows at a time: step t multiplies by
@@ -322,7 +358,7 @@ def solve_omp(
     else:
         state = jax.lax.fori_loop(0, k, make_step(0), state)
 
-    values = jnp.einsum("bij,bi->bj", state.inv_chol, state.projections)
+    values = einsum("bij,bi->bj", state.inv_chol, state.projections)
     values = values * inv_norms[jnp.maximum(state.indices, 0)]  # in the dictionary's units
     n_iter = jnp.sum(state.indices >= 0, axis=1).astype(jnp.int32)
     status = _final_status(state.stop, Status.CONVERGED)
@@ -400,7 +436,7 @@ def _nnls_on_support(gram, targets, coef, active):
 
 
 def solve_nnomp(
-    settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.Array
+    settings: OMP, dictionary: Dictionary, x: jax.Array, alpha0: jax.Array, *, native=False
 ) -> ChunkSolution:
     """Non-negative OMP on a chunk of centred activations `x` of shape (batch, d_model), with
     ``alpha0 = x @ atoms.T`` of shape (batch, n_features); see the module docstring.
@@ -428,7 +464,7 @@ def solve_nnomp(
         safe = jnp.maximum(s.indices, 0)
         # Never re-select an atom of the support.
         scores = s.correlations.at[rows[:, None], safe].min(jnp.where(s.active, -jnp.inf, jnp.inf))
-        j, best = select(scores, inv_norms, True)
+        j, best = select(scores, inv_norms, True, native)
         positive = best > tiny
         slot = jnp.min(jnp.where(s.active, k, slots), axis=1)  # first free slot
         if use_gram:
@@ -436,7 +472,7 @@ def solve_nnomp(
             against = jnp.take_along_axis(new, safe, axis=1)  # G[slots, j]
         else:
             new = dictionary.atoms[j]
-            against = jnp.einsum("bkm,bm->bk", s.stored, new)
+            against = einsum("bkm,bm->bk", s.stored, new)
         against = jnp.where(s.active, against, 0.0)
         # Linear independence from the support: the Schur complement of the new atom.
         w = _masked_solve(s.gram, against, s.active)
@@ -456,14 +492,12 @@ def solve_nnomp(
         coef = jnp.where(ok[:, None], coef, s.coef)
         active = jnp.where(ok[:, None], active, s.active)
         if use_gram:
-            correlations = alpha0 - jnp.einsum("bk,bkn->bn", coef, stored)
+            correlations = alpha0 - einsum("bk,bkn->bn", coef, stored)
         else:
-            correlations = (x - jnp.einsum("bk,bkm->bm", coef, stored)) @ dictionary.atoms.T
+            correlations = matmul(x - einsum("bk,bkm->bm", coef, stored), dictionary.atoms.T)
         # ||x - coef D_S||^2 = ||x||^2 - 2 coef.targets + coef^T G_SS coef
         residual_sq = (
-            x_sq
-            - 2 * jnp.sum(coef * targets, axis=1)
-            + jnp.einsum("bi,bij,bj->b", coef, gram, coef)
+            x_sq - 2 * jnp.sum(coef * targets, axis=1) + einsum("bi,bij,bj->b", coef, gram, coef)
         )
         full = jnp.sum(active, axis=1) >= k
         old_residual_sq = x_sq - jnp.sum(s.coef * s.targets, axis=1)  # at a LS solution

@@ -54,6 +54,20 @@ class ChunkSolution(NamedTuple):
     rows where it does not); None: computed from the codes."""
 
 
+class Solution(NamedTuple):
+    """What `solvers.solve` returns: the fields of `UnfoldResult` as device arrays, each with a
+    leading batch axis (see `UnfoldResult` for their meaning)."""
+
+    indices: jax.Array
+    values: jax.Array
+    residual_norm: jax.Array
+    relative_error: jax.Array
+    l0: jax.Array
+    n_iter: jax.Array
+    status: jax.Array
+    duality_gap: jax.Array
+
+
 class UnfoldResult(NamedTuple):
     """Sparse codes of a batch of activations, in the dictionary's own units.
 

@@ -21,7 +21,14 @@ from ..formats import (
     read_safetensors,
 )
 from ..registry import Entry
-from ..schemas import DictionaryCreate, DictionaryInfo, DictionaryList, UnfoldResponse, openapi_body
+from ..schemas import (
+    DictionaryCreate,
+    DictionaryInfo,
+    DictionaryList,
+    Placement,
+    UnfoldResponse,
+    openapi_body,
+)
 from ._direct import DirectRoute
 
 router = APIRouter(prefix="/v1/dictionaries", tags=["dictionaries"])
@@ -40,7 +47,14 @@ def describe(entry: Entry) -> DictionaryInfo:
         dtype="float32",
         has_bias=record.bias is not None,
         norms={"min": norms.min(), "max": norms.max(), "mean": norms.mean()},
-        path="gram" if entry.prepared.gram is not None else "matrix-free",
+        path=entry.prepared.path,
+        placement=Placement(
+            gram_bytes=entry.path_choice.gram_bytes,
+            gram_budget_bytes=entry.path_choice.budget_bytes,
+            device_bytes=entry.prepared.nbytes,
+            scan="float32" if entry.prepared.scan_atoms is None else "bfloat16",
+            reason=entry.path_choice.reason,
+        ),
         warm=entry.warm.is_set(),
         labels=len(record.labels or ()),
         metadata=record.metadata,

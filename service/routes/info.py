@@ -20,7 +20,7 @@ EXAMPLE = {
         "max_queue_rows": 4096,
         "request_timeout_s": 60.0,
     },
-    "gram_budget_bytes": 536870912,
+    "gram_budget_bytes": None,
     "auth": False,
     "cors": False,
 }

@@ -430,7 +430,7 @@ def test_start_up_warm_up_compiles_every_program_a_default_request_needs(tmp_pat
     from solvers import _api
     from tests.service.conftest import running_client
 
-    compiled = getattr(_api._solve_block, "_cache_size", None)
+    compiled = getattr(_api._solve_jit, "_cache_size", None)
     if compiled is None:
         pytest.skip("this JAX has no jit cache size")
     directions = np.random.default_rng(5).standard_normal((37, 11)).tolist()

@@ -235,7 +235,7 @@ def test_float64_holds_in_every_thread_of_a_batch():
 def test_calls_from_two_threads_at_once_finish_with_the_answers_of_one(params):
     """The service solves from several threads. XLA's CPU runtime deadlocked with two
     non-negative OMP programs at once (their loops factor a Gram block with LAPACK); those run
-    alone (`runs_alone`), and every method gives from two threads what it gives from one."""
+    alone (the CPU plan's `run_alone`), and every method gives from two threads what it gives from one."""
     dictionary, _, activations = sparse_problem(500, 120, 6, 4, seed=10, positive=True)
     prepared = solvers.prepare(dictionary)
     expected = solvers.unfold(activations, prepared, streams=1, **params)
@@ -257,20 +257,20 @@ def test_calls_from_two_threads_at_once_finish_with_the_answers_of_one(params):
 
 @pytest.mark.parametrize("positive", [False, True])
 def test_a_lone_row_padded_on_the_gram_path_equals_its_row_in_a_batch(positive, monkeypatch):
-    """OMP solves a lone row padded to two rows on the Gram path (`gram_min_rows`): the answer
-    is that row's, with nothing of the padding."""
+    """On a CPU, OMP solves a lone row padded to two rows on the Gram path (the plan's
+    `min_rows`): the answer is that row's, with nothing of the padding."""
     dictionary, _, activations = sparse_problem(512, 64, 5, 6, noise=0.01, seed=8)
     prepared = solvers.prepare(dictionary)
     assert prepared.gram is not None
     batch = solvers.unfold(activations, prepared, k=6, positive=positive)
     solved_rows = []
-    solve_block = _api._solve_block
+    solve_block = _api._solve_jit
 
     def spy(settings, dictionary, x, *args):
         solved_rows.append(x.shape[0])
         return solve_block(settings, dictionary, x, *args)
 
-    monkeypatch.setattr(_api, "_solve_block", spy)
+    monkeypatch.setattr(_api, "_solve_jit", spy)
     for i, row in enumerate(activations):
         alone = solvers.unfold(row[None], prepared, k=6, positive=positive)
         assert solved_rows.pop() == 2

@@ -201,9 +201,9 @@ def test_new_penalty_or_tolerance_compiles_nothing_new():
         ("lasso", {"alpha": 0.1}, {"alpha": 0.25}),
     ]:
         a = solvers.unfold(x, dictionary, method=method, **first)
-        compiled = _api._solve_block._cache_size()
+        compiled = _api._solve_jit._cache_size()
         b = solvers.unfold(x, dictionary, method=method, **second)
-        assert _api._solve_block._cache_size() == compiled, method
+        assert _api._solve_jit._cache_size() == compiled, method
         assert not np.array_equal(a.to_dense(), b.to_dense()), method  # the new value was used
 
 

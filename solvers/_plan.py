@@ -1,0 +1,163 @@
+"""Execution plans: how a batch runs on a backend, apart from the maths of the methods.
+
+A `Plan` says how many rows a compiled call takes, how many of them are solved together,
+how many calls run at once, whether a call must run alone, which argmax kernel selects atoms
+and in which precision OMP scans correlations. `plan_for` chooses one from the backend, the
+dictionary and the device's memory; every field can be overridden.
+
+- CPU (tuned on 2 cores, jaxlib 0.10): small chunks mapped one after another inside a call
+  (a row's working set stays in cache), one call per core at once (XLA's CPU runtime runs
+  separate calls side by side but not one program's loops), a vectorised two-level argmax
+  (its native argmax is a scalar loop), non-negative OMP alone in the process (two of its
+  programs at once deadlock in that runtime), strict float32 scans.
+- Accelerators (GPU, TPU): a whole call is one chunk, as many rows as a quarter of the free
+  device memory holds (at most `ACCELERATOR_MAX_ROWS`), one stream, native argmax, no lock,
+  and OMP's bfloat16 scan with float32 re-scoring where the dictionary was prepared for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ._dictionary import SCANS, Dictionary, available_bytes
+from ._lasso import _L1Settings
+from ._omp import OMP
+
+DEFAULT_BLOCK_ROWS = 1024
+"""CPU: rows per compiled call; larger batches run as several calls of this size."""
+CPU_GRAM_CHUNK_ROWS = {OMP: 4, _L1Settings: 64}
+"""CPU, Gram path: rows solved together, by method. OMP: each row keeps its own Gram rows
+(up to k + 1 of n_features), and few rows keep them in cache (P1, k=32, interleaved medians:
+1879 rows/s in chunks of 4 against 1631 in 8 and 1189 in 16; non-negative OMP 1234 against
+1013). LASSO methods: each proximal-gradient step or working-set refresh multiplies the chunk
+by the whole dictionary, which pays off for many rows (P1, FISTA alpha=0.05: 29 rows/s in
+chunks of 64 against 13 in 8; the LASSO: 1060 against 1004 in 32 and 923 in 128)."""
+CPU_CHUNK_ROWS = 8
+"""CPU: rows solved together otherwise (the fewest on the matrix-free path)."""
+CPU_CHUNK_BYTES = 64 << 20
+"""CPU, matrix-free path: chunks as large as keeps a (chunk, n_features) array under this
+size (every step multiplies the chunk by the whole dictionary: more rows use it better)..."""
+CPU_MAX_CHUNK_ROWS = 256
+"""... and at most this many rows."""
+MAX_STREAMS = 8
+"""Most calls solved at once."""
+ACCELERATOR_MEMORY_FRACTION = 0.25
+"""Accelerators: a call's working memory is at most this share of the free device memory..."""
+ACCELERATOR_MAX_ROWS = 4096
+"""... and it takes at most this many rows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How `solvers.unfold` runs a batch (hashable: static under jit).
+
+    Attributes:
+        backend: "cpu", "gpu" or "tpu".
+        block_rows: most rows of one compiled call (larger batches run as several calls).
+        chunk_rows: rows solved together inside a call, which maps over its chunks.
+        streams: calls solved at once, each from its own thread.
+        min_rows: fewest rows a call is padded to.
+        run_alone: the call holds a process-wide lock (no other such call alongside).
+        native_argmax: select atoms with ``jnp.argmax`` (else a vectorised two-level search).
+        scan: OMP's correlation scan on the matrix-free path, "float32" or "bfloat16" (float32
+            selections either way: `solvers._scan`).
+    """
+
+    backend: str
+    block_rows: int
+    chunk_rows: int
+    streams: int = 1
+    min_rows: int = 1
+    run_alone: bool = False
+    native_argmax: bool = False
+    scan: str = "float32"
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _power_of_two_below(n: float) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def plan_for(
+    settings,
+    dictionary: Dictionary,
+    *,
+    backend: str | None = None,
+    chunk_rows: int | None = None,
+    block_rows: int | None = None,
+    streams: int | None = None,
+    scan: str | None = None,
+) -> Plan:
+    """The plan for `settings` over `dictionary` on `backend` (default: where the dictionary
+    lives); the keyword arguments override its fields."""
+    if backend is None:
+        backend = next(iter(dictionary.atoms.devices())).platform
+    gram = dictionary.gram is not None
+    scannable = isinstance(settings, OMP) and not settings.positive and not gram
+    if scan is None:
+        scan = "bfloat16" if scannable and dictionary.scan_atoms is not None else "float32"
+    elif scan not in SCANS:
+        raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+    elif scan == "bfloat16" and (not scannable or dictionary.scan_atoms is None):
+        raise ValueError(
+            "the bfloat16 scan is for OMP (not positive) on a matrix-free dictionary prepared "
+            "with prepare(..., gram=False, scan='bfloat16')"
+        )
+    if backend == "cpu":
+        plan = _cpu_plan(settings, dictionary, gram)
+    else:
+        plan = _accelerator_plan(settings, dictionary, gram, backend)
+    plan = dataclasses.replace(plan, scan=scan)
+    if chunk_rows is not None:
+        plan = dataclasses.replace(plan, chunk_rows=chunk_rows)
+    if streams is not None:
+        plan = dataclasses.replace(plan, streams=1 if plan.run_alone else streams)
+    block = plan.block_rows if block_rows is None else block_rows
+    # A call holds whole chunks.
+    return dataclasses.replace(
+        plan, block_rows=max(plan.chunk_rows, block - block % plan.chunk_rows)
+    )
+
+
+def _cpu_plan(settings, dictionary: Dictionary, gram: bool) -> Plan:
+    if gram:
+        chunk = next(
+            (rows for kind, rows in CPU_GRAM_CHUNK_ROWS.items() if isinstance(settings, kind)),
+            CPU_CHUNK_ROWS,
+        )
+    else:
+        rows = CPU_CHUNK_BYTES // (dictionary.n_features * dictionary.dtype.itemsize)
+        chunk = _power_of_two_below(min(max(rows, CPU_CHUNK_ROWS), CPU_MAX_CHUNK_ROWS))
+    omp = isinstance(settings, OMP)
+    # Non-negative OMP factors its support's Gram block with LAPACK's Cholesky inside its loop,
+    # and two such programs at once deadlock in jaxlib 0.10's CPU runtime.
+    alone = omp and settings.positive
+    return Plan(
+        backend="cpu",
+        block_rows=DEFAULT_BLOCK_ROWS,
+        chunk_rows=chunk,
+        # On the matrix-free path each product uses every core already.
+        streams=1 if alone or not gram else max(1, min(_cpu_cores(), MAX_STREAMS)),
+        # A lone row on the Gram path is solved padded to two: XLA compiles the one-row loop
+        # with copies of the stored Gram rows at every step, and two rows take less time than
+        # one (8192 x 512, k=32: OMP 3.8 against 5.6 ms, non-negative OMP 5.2 against 7.9).
+        min_rows=2 if omp and gram else 1,
+        run_alone=alone,
+    )
+
+
+def _accelerator_plan(settings, dictionary: Dictionary, gram: bool, backend: str) -> Plan:
+    device = next(iter(dictionary.atoms.devices()))
+    row_bytes = settings.row_floats(dictionary.n_features, dictionary.d_model, gram) * (
+        dictionary.dtype.itemsize
+    )
+    budget = available_bytes(device) * ACCELERATOR_MEMORY_FRACTION
+    rows = _power_of_two_below(min(max(budget // row_bytes, 1), ACCELERATOR_MAX_ROWS))
+    return Plan(backend=backend, block_rows=rows, chunk_rows=rows, native_argmax=True)
