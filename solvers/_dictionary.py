@@ -231,11 +231,12 @@ def gram_of(atoms: jax.Array) -> jax.Array:
     return gram
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=(2, 3))
-def _gram_rows_into(gram: jax.Array, atoms: jax.Array, start: int, rows: int) -> jax.Array:
-    block = jax.lax.dot_general(
-        atoms[start : start + rows], atoms, (((1,), (1,)), ((), ())), precision=STRICT
-    )
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _gram_rows_into(gram: jax.Array, atoms: jax.Array, start, rows: int) -> jax.Array:
+    """`gram` with its `rows` rows from `start` (traced: one program for every full block)
+    set to those of ``atoms @ atoms.T``."""
+    block = jax.lax.dynamic_slice_in_dim(atoms, start, rows, axis=0)
+    block = jax.lax.dot_general(block, atoms, (((1,), (1,)), ((), ())), precision=STRICT)
     return jax.lax.dynamic_update_slice_in_dim(gram, block, start, axis=0)
 
 

@@ -29,8 +29,14 @@ def from_npy(body: bytes) -> np.ndarray:
 
 
 def stable(info: dict) -> dict:
-    """Dictionary info without its volatile warm-up state."""
-    return {key: value for key, value in info.items() if key != "warm"}
+    """Dictionary info without its volatile parts: the warm-up state, and the memory budget
+    (a share of the memory available when it loaded) with the reason that quotes it."""
+    placement = {
+        key: value
+        for key, value in info.get("placement", {}).items()
+        if key not in ("gram_budget_bytes", "reason")
+    }
+    return {**{key: value for key, value in info.items() if key != "warm"}, "placement": placement}
 
 
 def free_port() -> int:

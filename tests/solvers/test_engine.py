@@ -125,8 +125,9 @@ def test_top_candidates_finds_every_score_over_a_threshold():
 
 def test_the_scan_needs_a_dictionary_prepared_for_it():
     dictionary, _, x = sparse_problem(256, 32, 4, 8, seed=1)
+    strict = solvers.prepare(dictionary, gram=False, scan="float32")
     with pytest.raises(ValueError, match="bfloat16 scan"):
-        solvers.unfold(x, solvers.prepare(dictionary, gram=False), k=4, scan="bfloat16")
+        solvers.unfold(x, strict, k=4, scan="bfloat16")
     with pytest.raises(ValueError, match="bfloat16 scan"):
         solvers.unfold(x, solvers.prepare(dictionary, gram=True), k=4, scan="bfloat16")
     with pytest.raises(ValueError, match="scan must be one of"):
@@ -144,12 +145,14 @@ def test_cpu_plan_keeps_the_measured_tuning():
     omp = solvers.plan_for(solvers.make_settings("omp", gram, k=4), gram, backend="cpu")
     assert (omp.chunk_rows, omp.min_rows, omp.run_alone, omp.native_argmax) == (4, 2, False, False)
     assert omp.streams >= 1 and omp.scan == "float32"
-    nn = solvers.plan_for(solvers.make_settings("omp", gram, k=4, positive=True), gram)
+    nn = solvers.plan_for(
+        solvers.make_settings("omp", gram, k=4, positive=True), gram, backend="cpu"
+    )
     assert nn.run_alone and nn.streams == 1
-    lasso = solvers.plan_for(solvers.make_settings("lasso", gram, alpha=0.1), gram)
+    lasso = solvers.plan_for(solvers.make_settings("lasso", gram, alpha=0.1), gram, backend="cpu")
     assert lasso.chunk_rows == 64
     free = solvers.prepare(dictionary, gram=False)
-    mf = solvers.plan_for(solvers.make_settings("omp", free, k=4), free)
+    mf = solvers.plan_for(solvers.make_settings("omp", free, k=4), free, backend="cpu")
     assert mf.streams == 1 and mf.chunk_rows == 256
 
 

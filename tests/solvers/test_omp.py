@@ -235,7 +235,8 @@ def test_float64_holds_in_every_thread_of_a_batch():
 def test_calls_from_two_threads_at_once_finish_with_the_answers_of_one(params):
     """The service solves from several threads. XLA's CPU runtime deadlocked with two
     non-negative OMP programs at once (their loops factor a Gram block with LAPACK); those run
-    alone (the CPU plan's `run_alone`), and every method gives from two threads what it gives from one."""
+    alone (the CPU plan's `run_alone`), and every method gives from two threads what it gives
+    from one."""
     dictionary, _, activations = sparse_problem(500, 120, 6, 4, seed=10, positive=True)
     prepared = solvers.prepare(dictionary)
     expected = solvers.unfold(activations, prepared, streams=1, **params)
