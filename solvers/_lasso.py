@@ -8,9 +8,8 @@ in the dictionary's own units, and report the duality gap of what they return (s
 `solvers._proximal`). A row is CONVERGED when ``gap <= tol * primal`` (or when the gap is
 below the rounding noise of the dtype, see `gap_floor`), MAX_ITER otherwise.
 
-- `ISTA`, `FISTA`: proximal gradient on all features (products with the dictionary, or with
-  the Gram matrix when that is cheaper, i.e. n_features <= 2 d_model). FISTA restarts its
-  momentum when it points uphill (the gradient scheme of O'Donoghue & Candes 2015).
+- `ISTA`, `FISTA`: proximal gradient (`solvers._fista`) on all features (products with the
+  dictionary, or with the Gram matrix when that is cheaper, i.e. n_features <= 2 d_model).
 - `Lasso`: exact homotopy on working sets, certified by the global duality gap. A working set
   of w features (the current support plus the features closest to violating the dual
   constraint, ranked by ``(alpha - s |D r|_j) / ||d_j||``) is solved by the homotopy
@@ -24,7 +23,7 @@ below the rounding noise of the dtype, see `gap_floor`), MAX_ITER otherwise.
   weighted homotopy (their penalty starts just above their correlation and falls to the
   level), so a working set that missed a feature costs a few steps, not a new path. Rows the
   path cannot finish (a feature dependent on the active set, or more active features than
-  slots) are finished by restarted FISTA on the working set's Gram block, with a step from
+  slots) are finished by the same FISTA on the working set's Gram block, with a step from
   its Gershgorin bound. The working set has static capacity: 128 features (64 active) first,
   then ``2 * max_nonzero`` for the rows whose support fills it (a `lax.cond` skips the large
   tier when no row of a chunk needs it). The working set's candidates come from a few
@@ -42,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._dictionary import Dictionary
+from ._driver import RUNNING, final_status, stop_code
+from ._fista import proximal_gradient
 from ._homotopy import PathState, empty_path, follow_path
 from ._products import einsum, matmul
 from ._proximal import (
@@ -52,13 +53,10 @@ from ._proximal import (
     padded_from_dense,
     peak_correlation,
     scale_from_peak,
-    soft_threshold,
 )
 from ._result import ChunkSolution, Status
 from ._validation import check_nonnegative, check_positive_int
 
-CHECK_EVERY = 10
-"""Iterations between two duality-gap evaluations."""
 FIRST_TIER = 128
 """Working-set capacity tried first by `Lasso`."""
 MAX_OUTER = 32
@@ -211,36 +209,6 @@ for _settings in (ISTA, FISTA, Lasso):
 # ISTA / FISTA on all features
 
 
-def restarted_momentum(codes, point, new, momentum):
-    """FISTA's next (momentum, point) after the step ``point -> new`` from `codes`, restarted
-    (momentum 1, no extrapolation) when the step points uphill. Shapes (batch, m) and (batch,)."""
-    uphill = jnp.sum((point - new) * (new - codes), axis=1) > 0
-    t_next = jnp.where(uphill, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * momentum**2)))
-    beta = jnp.where(uphill, 0.0, (momentum - 1.0) / t_next)
-    return t_next, new + beta[:, None] * (new - codes)
-
-
-def advanced(state, moving, codes, point, momentum):
-    """A proximal-gradient state (fields codes, momentum_point, momentum, n_iter) after one
-    step, for the rows `moving` (batch,) bool only."""
-    keep = moving[:, None]
-    return state._replace(
-        codes=jnp.where(keep, codes, state.codes),
-        momentum_point=jnp.where(keep, point, state.momentum_point),
-        momentum=jnp.where(moving, momentum, state.momentum),
-        n_iter=state.n_iter + moving.astype(jnp.int32),
-    )
-
-
-class _PGState(NamedTuple):
-    codes: jax.Array  # (batch, n_features)
-    momentum_point: jax.Array  # (batch, n_features) y
-    momentum: jax.Array  # (batch,) t
-    n_iter: jax.Array  # (batch,) int32
-    done: jax.Array  # (batch,) bool: the gap met the tolerance
-    gap: jax.Array  # (batch,)
-
-
 def solve_proximal_gradient(
     settings: _L1Settings,
     dictionary: Dictionary,
@@ -285,38 +253,20 @@ def solve_proximal_gradient(
         floor = gap_floor(x_norm, matmul(jnp.abs(codes), dictionary.norms), dtype)
         return gap, gap_met(gap, primal, floor, settings.tol)
 
-    def step_once(_, s: _PGState) -> _PGState:
-        active = ~s.done & (s.n_iter < settings.max_iter)
-        y = s.momentum_point
-        new = soft_threshold(y + step * correlations(y), alpha * step, positive)
-        if accelerated:
-            t_next, y_next = restarted_momentum(s.codes, y, new, s.momentum)
-        else:
-            t_next, y_next = s.momentum, new
-        return advanced(s, active, new, y_next, t_next)
-
-    def body(s: _PGState) -> _PGState:
-        s = jax.lax.fori_loop(0, CHECK_EVERY, step_once, s)
-        gap, met = gap_at(s.codes)
-        return s._replace(done=s.done | met, gap=gap)
-
-    def running(s: _PGState):
-        return jnp.any(~s.done & (s.n_iter < settings.max_iter))
-
     batch = x.shape[0]
-    zeros = jnp.zeros((batch, n_features), dtype)
-    gap0, met0 = gap_at(zeros)
-    init = _PGState(
-        codes=zeros,
-        momentum_point=zeros,
-        momentum=jnp.ones((batch,), dtype),
-        n_iter=jnp.zeros((batch,), jnp.int32),
-        done=met0,
-        gap=gap0,
+    final, stop = proximal_gradient(
+        jnp.zeros((batch, n_features), dtype),
+        correlations,
+        step,
+        alpha,
+        positive,
+        gap_at,
+        settings.max_iter,
+        jnp.zeros((batch,), jnp.int32),
+        accelerated=accelerated,
     )
-    final = jax.lax.while_loop(running, body, init)
     indices, values, overflow = padded_from_dense(final.codes, settings.max_nonzero)
-    status = jnp.where(final.done, Status.CONVERGED, Status.MAX_ITER)
+    status = final_status(stop, Status.MAX_ITER)
     status = jnp.where(overflow, Status.TOO_MANY_NONZEROS, status).astype(jnp.int32)
     return ChunkSolution(indices, values, final.n_iter, status, final.gap)
 
@@ -338,14 +288,6 @@ class _Outer(NamedTuple):
     done: jax.Array  # (batch,) bool: no more work in this tier
     n_iter: jax.Array  # (batch,) int32 homotopy and FISTA steps so far
     outer: jax.Array  # () int32 working-set refreshes in this tier
-
-
-class _Inner(NamedTuple):
-    codes: jax.Array  # (batch, w)
-    momentum_point: jax.Array  # (batch, w)
-    momentum: jax.Array  # (batch,)
-    n_iter: jax.Array  # (batch,) int32
-    running: jax.Array  # (batch,) bool
 
 
 BLOCK = 64
@@ -430,7 +372,6 @@ def solve_lasso(
 
     def inner_solve(codes, gram_block, b_block, step, target, active, budget, apply_gram):
         """Restarted FISTA on the working-set subproblem, of shape (batch, w)."""
-        threshold = alpha * step
 
         def corr_of(c):
             return b_block - apply_gram(c, gram_block)
@@ -444,27 +385,12 @@ def solve_lasso(
             gap, primal = duality_gap(residual_sq, c, corr, scale, alpha)
             return gap, primal
 
-        def step_once(_, s: _Inner) -> _Inner:
-            go = s.running & (s.n_iter < budget)
-            y = s.momentum_point
-            new = soft_threshold(y + step[:, None] * corr_of(y), threshold[:, None], positive)
-            t_next, y_next = restarted_momentum(s.codes, y, new, s.momentum)
-            return advanced(s, go, new, y_next, t_next)
+        def converged(c):
+            gap, _ = inner_gap(c)
+            return gap, gap <= target
 
-        def body(s: _Inner) -> _Inner:
-            s = jax.lax.fori_loop(0, CHECK_EVERY, step_once, s)
-            gap, primal = inner_gap(s.codes)
-            met = gap <= target
-            return s._replace(running=s.running & ~met & (s.n_iter < budget))
-
-        init = _Inner(
-            codes=codes,
-            momentum_point=codes,
-            momentum=jnp.ones((batch,), dtype),
-            n_iter=jnp.zeros((batch,), jnp.int32),
-            running=active & (budget > 0) & (inner_gap(codes)[0] > target),
-        )
-        final = jax.lax.while_loop(lambda s: jnp.any(s.running), body, init)
+        stop = jnp.where(active, RUNNING, stop_code(Status.CONVERGED))
+        final, _ = proximal_gradient(codes, corr_of, step, alpha, positive, converged, budget, stop)
         return final.codes, final.n_iter
 
     def run_tier(width: int, last_tier: bool, start: _Outer) -> _Outer:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._dictionary import Dictionary
+from ._driver import RUNNING, final_status, initial_stop, iterate, stop_code
 from ._products import einsum, matmul
 from ._result import ChunkSolution, Status
 from ._scan import exact_select, scan
@@ -189,18 +190,6 @@ def _thresholds(x: jax.Array, tol) -> tuple[jax.Array, jax.Array, jax.Array]:
     return x_sq, exact_sq, jnp.asarray(tol, x.dtype) ** 2
 
 
-def _initial_stop(x_sq: jax.Array) -> jax.Array:
-    """The loop's `stop` (a `Status` + 1 once a row has stopped, 0 while it runs) before the
-    first step, of shape (batch,): rows of squared norm `x_sq` zero are `Status.EXACT`."""
-    return jnp.where(x_sq == 0, Status.EXACT + 1, 0).astype(jnp.int32)
-
-
-def _final_status(stop: jax.Array, unfinished: Status) -> jax.Array:
-    """`Status` codes, int32 of shape (batch,), of the loop's final `stop`; rows still running
-    when the loop ended get `unfinished`."""
-    return jnp.where(stop == 0, unfinished, stop - 1).astype(jnp.int32)
-
-
 # ----------------------------------------------------------------------------- OMP
 
 
@@ -216,7 +205,9 @@ class OMPState(NamedTuple):
     projections: jax.Array  # (batch, k) z_i = <q_i, x>
     indices: jax.Array  # (batch, k) selected atoms, -1 when none
     residual_sq: jax.Array  # (batch,) ||r||^2 = ||x||^2 - ||z||^2
-    stop: jax.Array  # (batch,) int32 Status + 1 once a row has stopped, 0 while running
+    previous_sq: jax.Array  # (batch,) ||r||^2 before the last step
+    dependent: jax.Array  # (batch,) bool: the last step's atom depended on the support
+    t: jax.Array  # () int32: the next step's slot
     residual: jax.Array | None = None  # (batch, d_model) r, for the fast scan's re-scoring
     bound: jax.Array | None = None  # (batch,) error bound of the fast scan's `correlations`
 
@@ -253,7 +244,7 @@ def solve_omp(
     inv_norms = 1.0 / dictionary.norms
     alpha0 = alpha0 * inv_norms  # correlations with the unit-norm atoms
 
-    def choose(s: OMPState) -> jax.Array:
+    def choose(s: OMPState, running: jax.Array) -> jax.Array:
         """The atom each row adds, of shape (batch,)."""
         if not fast_scan:
             return select(s.correlations, None, False, native)[0]
@@ -263,78 +254,73 @@ def solve_omp(
             scores = matmul(s.residual, dictionary.atoms.T) * inv_norms
             return jnp.where(settled, j, select(scores, None, False, native)[0])
 
-        return jax.lax.cond(jnp.any(~settled & (s.stop == 0)), strict, lambda _: j, None)
+        return jax.lax.cond(jnp.any(~settled & running), strict, lambda _: j, None)
 
-    def make_step(start: int):
-        """Step t = start + u of the segment starting at step `start`."""
-
-        def step(u, s: OMPState) -> OMPState:
-            t = start + u
-            running = s.stop == 0
-            j = choose(s)
-            safe = jnp.maximum(s.indices, 0)
-            scale = inv_norms[j][:, None]
-            if use_gram:
-                new = dictionary.gram[j] * (scale * inv_norms)  # (batch, n_features), unit atoms
-                against = jnp.take_along_axis(new, safe, axis=1)  # G[S, j]
-                stored = jax.lax.dynamic_update_slice_in_dim(
-                    s.stored, new[:, None, :], 1 + t, axis=1
+    def step(s: OMPState, running: jax.Array) -> OMPState:
+        """Add one atom to each running row (slot ``s.t``)."""
+        t = s.t
+        j = choose(s, running)
+        safe = jnp.maximum(s.indices, 0)
+        scale = inv_norms[j][:, None]
+        if use_gram:
+            new = dictionary.gram[j] * (scale * inv_norms)  # (batch, n_features), unit atoms
+            against = jnp.take_along_axis(new, safe, axis=1)  # G[S, j]
+            stored = jax.lax.dynamic_update_slice_in_dim(s.stored, new[:, None, :], 1 + t, axis=1)
+        else:
+            new = dictionary.atoms[j] * scale  # (batch, d_model), unit norm
+            against = einsum("bkm,bm->bk", s.stored, new)
+            stored = s.stored.at[:, t].set(new)
+        against = jnp.where(slots < t, against, 0.0)
+        overlaps = einsum("bij,bj->bi", s.inv_chol, against)  # <d_j, q_i>
+        new_sq = 1.0 - jnp.sum(overlaps * overlaps, axis=1)
+        independent = new_sq > 100 * eps
+        ok = running & independent
+        diag = jnp.sqrt(jnp.where(ok, new_sq, 1.0))
+        # Row t of Linv: (e_t - ov^T Linv) / diag.
+        row = jnp.where(slots == t, 1.0, -einsum("bi,bij->bj", overlaps, s.inv_chol))
+        row = jnp.where(ok[:, None], row / diag[:, None], 0.0)
+        inv_chol = jax.lax.dynamic_update_slice_in_dim(s.inv_chol, row[:, None, :], t, axis=1)
+        z = (alpha0[rows, j] - jnp.sum(overlaps * s.projections, axis=1)) / diag
+        z = jnp.where(ok, z, 0.0)
+        projections = jnp.where(slots == t, z[:, None], s.projections)
+        indices = jnp.where((slots == t) & ok[:, None], j[:, None], s.indices)
+        gamma = einsum("bij,bi->bj", inv_chol, projections)  # codes on the support
+        residual, bound = None, None
+        if use_gram:
+            # [1, -gamma] @ [D x; G[S]]: one product gives D x - gamma @ G[S].
+            weights = jnp.concatenate([jnp.ones((batch, 1), dtype), -gamma], axis=1)
+            correlations = einsum("bk,bkn->bn", weights[:, : stored.shape[1]], stored)
+        else:
+            residual = x - einsum("bk,bkm->bm", gamma, stored)
+            if fast_scan:
+                correlations, bound = scan(
+                    residual, dictionary.scan_atoms, dictionary.scan_error, inv_norms
                 )
             else:
-                new = dictionary.atoms[j] * scale  # (batch, d_model), unit norm
-                against = einsum("bkm,bm->bk", s.stored, new)
-                stored = s.stored.at[:, t].set(new)
-            against = jnp.where(slots < t, against, 0.0)
-            overlaps = einsum("bij,bj->bi", s.inv_chol, against)  # <d_j, q_i>
-            new_sq = 1.0 - jnp.sum(overlaps * overlaps, axis=1)
-            independent = new_sq > 100 * eps
-            ok = running & independent
-            diag = jnp.sqrt(jnp.where(ok, new_sq, 1.0))
-            # Row t of Linv: (e_t - ov^T Linv) / diag.
-            row = jnp.where(slots == t, 1.0, -einsum("bi,bij->bj", overlaps, s.inv_chol))
-            row = jnp.where(ok[:, None], row / diag[:, None], 0.0)
-            inv_chol = jax.lax.dynamic_update_slice_in_dim(s.inv_chol, row[:, None, :], t, axis=1)
-            z = (alpha0[rows, j] - jnp.sum(overlaps * s.projections, axis=1)) / diag
-            z = jnp.where(ok, z, 0.0)
-            projections = jnp.where(slots == t, z[:, None], s.projections)
-            indices = jnp.where((slots == t) & ok[:, None], j[:, None], s.indices)
-            residual_sq = s.residual_sq - z * z
-            reached = residual_sq <= jnp.maximum(tol_sq, exact_sq)
-            stop = jnp.where(
-                running & ~independent,
-                jnp.where(s.residual_sq <= exact_sq, Status.EXACT, Status.DEPENDENT) + 1,
-                jnp.where(
-                    ok & reached,
-                    jnp.where(residual_sq <= exact_sq, Status.EXACT, Status.CONVERGED) + 1,
-                    s.stop,
-                ),
-            )
-            gamma = einsum("bij,bi->bj", inv_chol, projections)  # codes on the support
-            if use_gram:
-                # [1, -gamma] @ [D x; G[S]]: one product gives D x - gamma @ G[S].
-                weights = jnp.concatenate([jnp.ones((batch, 1), dtype), -gamma], axis=1)
-                correlations = einsum("bk,bkn->bn", weights[:, : stored.shape[1]], stored)
-            else:
-                residual = x - einsum("bk,bkm->bm", gamma, stored)
-                if fast_scan:
-                    correlations, bound = scan(
-                        residual, dictionary.scan_atoms, dictionary.scan_error, inv_norms
-                    )
-                else:
-                    correlations = matmul(residual, dictionary.atoms.T) * inv_norms
-            return OMPState(
-                correlations=correlations,
-                stored=stored,
-                inv_chol=inv_chol,
-                projections=projections,
-                indices=indices,
-                residual_sq=residual_sq,
-                stop=stop.astype(jnp.int32),
-                residual=residual if fast_scan else None,
-                bound=bound if fast_scan else None,
-            )
+                correlations = matmul(residual, dictionary.atoms.T) * inv_norms
+        return OMPState(
+            correlations=correlations,
+            stored=stored,
+            inv_chol=inv_chol,
+            projections=projections,
+            indices=indices,
+            residual_sq=s.residual_sq - z * z,
+            previous_sq=s.residual_sq,
+            dependent=running & ~independent,
+            t=t + 1,
+            residual=residual if fast_scan else None,
+            bound=bound,
+        )
 
-        return step
+    def terminate(s: OMPState) -> jax.Array:
+        """A dependent atom stops a row (EXACT when nothing was left to explain); a residual at
+        `tol` or at rounding level stops it (CONVERGED, EXACT)."""
+        dependent = jnp.where(s.previous_sq <= exact_sq, Status.EXACT, Status.DEPENDENT)
+        reached = s.residual_sq <= jnp.maximum(tol_sq, exact_sq)
+        met = jnp.where(s.residual_sq <= exact_sq, Status.EXACT, Status.CONVERGED)
+        return jnp.where(
+            s.dependent, stop_code(dependent), jnp.where(reached, stop_code(met), RUNNING)
+        )
 
     state = OMPState(
         correlations=alpha0,
@@ -343,30 +329,32 @@ def solve_omp(
         projections=jnp.zeros((batch, k), dtype),
         indices=jnp.full((batch, k), -1, jnp.int32),
         residual_sq=x_sq,
-        stop=_initial_stop(x_sq),
+        previous_sq=x_sq,
+        dependent=jnp.zeros((batch,), bool),
+        t=jnp.zeros((), jnp.int32),
         residual=x if fast_scan else None,
         bound=jnp.zeros((batch,), dtype) if fast_scan else None,  # alpha0 is float32
     )
+    stop = initial_stop(x_sq)
     if use_gram:
         # `stored` is [D x; G[S]] grown by a segment of rows at a time: step t multiplies by
         # t rounded up to a segment of Gram rows, not k.
         stored = alpha0[:, None, :]
-        for start, width in segments(k):
+        for _, width in segments(k):
             stored = jnp.concatenate([stored, jnp.zeros((batch, width, n_features), dtype)], 1)
-            state = jax.lax.fori_loop(0, width, make_step(start), state._replace(stored=stored))
+            state, stop = iterate(step, terminate, state._replace(stored=stored), stop, width)
             stored = state.stored
     else:
-        state = jax.lax.fori_loop(0, k, make_step(0), state)
+        state, stop = iterate(step, terminate, state, stop, k)
 
     values = einsum("bij,bi->bj", state.inv_chol, state.projections)
     values = values * inv_norms[jnp.maximum(state.indices, 0)]  # in the dictionary's units
     n_iter = jnp.sum(state.indices >= 0, axis=1).astype(jnp.int32)
-    status = _final_status(state.stop, Status.CONVERGED)
     return ChunkSolution(
         indices=state.indices,
         values=jnp.where(state.indices >= 0, values, 0.0),
         n_iter=n_iter,
-        status=status,
+        status=final_status(stop, Status.CONVERGED),
         duality_gap=jnp.full((batch,), jnp.nan, dtype),
     )
 
@@ -383,7 +371,8 @@ class NNOMPState(NamedTuple):
     active: jax.Array  # (batch, k) bool: the slot's atom is in the support
     indices: jax.Array  # (batch, k) atom of each slot, -1 when never used
     n_iter: jax.Array  # (batch,) int32 atoms added
-    stop: jax.Array  # (batch,) int32 Status + 1 once a row has stopped, 0 while running
+    residual_sq: jax.Array  # (batch,) ||x - coef D_S||^2
+    failure: jax.Array  # (batch,) int32 stop code when the last step added no atom, else 0
 
 
 def _masked_solve(gram: jax.Array, rhs: jax.Array, mask: jax.Array) -> jax.Array:
@@ -399,40 +388,44 @@ def _masked_solve(gram: jax.Array, rhs: jax.Array, mask: jax.Array) -> jax.Array
     return jnp.where(mask, solution, 0.0)
 
 
+class _NNLSState(NamedTuple):
+    coef: jax.Array  # (batch, k)
+    active: jax.Array  # (batch, k) bool
+    feasible: jax.Array  # (batch,) bool: the last least squares was non-negative (done)
+
+
 def _nnls_on_support(gram, targets, coef, active):
     """Lawson-Hanson's inner loop from a feasible `coef` (zero on the newly added slot): the
     non-negative least squares on the slots in `active`, dropping slots that reach zero.
     Returns (coef, active). Shapes (batch, k, k), (batch, k), (batch, k), (batch, k) bool."""
     k = coef.shape[1]
 
-    def body(carry):
-        coef, active, done, it = carry
-        ls = _masked_solve(gram, targets, active)
-        feasible = jnp.all(jnp.where(active, ls > 0, True), axis=1)
+    def step(s: _NNLSState, running: jax.Array) -> _NNLSState:
+        ls = _masked_solve(gram, targets, s.active)
+        feasible = jnp.all(jnp.where(s.active, ls > 0, True), axis=1)
         # Step from coef towards ls as far as every coefficient stays >= 0.
-        blocking = active & (ls <= 0)
-        gap = jnp.maximum(coef - ls, jnp.finfo(coef.dtype).tiny)  # >= coef >= 0 where blocking
-        ratio = jnp.where(blocking, coef / gap, jnp.inf)
-        step = jnp.clip(jnp.min(ratio, axis=1), 0.0, 1.0)
-        moved = coef + step[:, None] * (ls - coef)
-        hit = blocking & (ratio <= step[:, None])
-        new_coef = jnp.where(feasible[:, None], ls, jnp.where(hit, 0.0, jnp.maximum(moved, 0.0)))
-        new_active = jnp.where(feasible[:, None], active, active & ~hit)
-        keep = done[:, None]
-        return (
-            jnp.where(keep, coef, new_coef),
-            jnp.where(keep, active, new_active),
-            done | feasible,
-            it + 1,
+        blocking = s.active & (ls <= 0)
+        gap = jnp.maximum(s.coef - ls, jnp.finfo(s.coef.dtype).tiny)  # >= coef where blocking
+        ratio = jnp.where(blocking, s.coef / gap, jnp.inf)
+        move = jnp.clip(jnp.min(ratio, axis=1), 0.0, 1.0)
+        moved = s.coef + move[:, None] * (ls - s.coef)
+        hit = blocking & (ratio <= move[:, None])
+        coef = jnp.where(feasible[:, None], ls, jnp.where(hit, 0.0, jnp.maximum(moved, 0.0)))
+        active = jnp.where(feasible[:, None], s.active, s.active & ~hit)
+        keep = ~running[:, None]
+        return _NNLSState(
+            jnp.where(keep, s.coef, coef), jnp.where(keep, s.active, active), feasible
         )
 
-    def cond(carry):
-        _, _, done, it = carry
-        return (it <= k) & ~jnp.all(done)
+    def terminate(s: _NNLSState) -> jax.Array:
+        return jnp.where(s.feasible, stop_code(Status.CONVERGED), RUNNING)
 
-    done = ~jnp.any(active, axis=1)
-    coef, active, _, _ = jax.lax.while_loop(cond, body, (coef, active, done, 0))
-    return coef, active
+    batch = coef.shape[0]
+    nothing = ~jnp.any(active, axis=1)
+    start = _NNLSState(coef, active, jnp.zeros((batch,), bool))
+    stop = jnp.where(nothing, stop_code(Status.CONVERGED), RUNNING)
+    final, _ = iterate(step, terminate, start, stop, k + 1)
+    return final.coef, final.active
 
 
 def solve_nnomp(
@@ -459,8 +452,9 @@ def solve_nnomp(
     inv_norms = 1.0 / dictionary.norms
     atom_sq = dictionary.norms**2
 
-    def step(s: NNOMPState) -> NNOMPState:
-        running = s.stop == 0
+    def step(s: NNOMPState, running: jax.Array) -> NNOMPState:
+        """Add the best positively correlated atom to each running row, then re-solve the
+        non-negative least squares on its support."""
         safe = jnp.maximum(s.indices, 0)
         # Never re-select an atom of the support.
         scores = s.correlations.at[rows[:, None], safe].min(jnp.where(s.active, -jnp.inf, jnp.inf))
@@ -499,21 +493,11 @@ def solve_nnomp(
         residual_sq = (
             x_sq - 2 * jnp.sum(coef * targets, axis=1) + einsum("bi,bij,bj->b", coef, gram, coef)
         )
-        full = jnp.sum(active, axis=1) >= k
         old_residual_sq = x_sq - jnp.sum(s.coef * s.targets, axis=1)  # at a LS solution
-        stop = jnp.where(
-            running & ~ok,
-            jnp.where(
-                old_residual_sq <= exact_sq,
-                Status.EXACT,
-                jnp.where(positive, Status.DEPENDENT, Status.NO_POSITIVE_CORRELATION),
-            )
-            + 1,
-            jnp.where(
-                ok & (residual_sq <= exact_sq),
-                Status.EXACT + 1,
-                jnp.where(ok & (full | (residual_sq <= tol_sq)), Status.CONVERGED + 1, s.stop),
-            ),
+        why = jnp.where(
+            old_residual_sq <= exact_sq,
+            Status.EXACT,
+            jnp.where(positive, Status.DEPENDENT, Status.NO_POSITIVE_CORRELATION),
         )
         return NNOMPState(
             correlations=jnp.where(ok[:, None], correlations, s.correlations),
@@ -524,8 +508,20 @@ def solve_nnomp(
             active=active,
             indices=indices,
             n_iter=s.n_iter + ok.astype(jnp.int32),
-            stop=stop.astype(jnp.int32),
+            residual_sq=residual_sq,
+            failure=jnp.where(ok, RUNNING, stop_code(why)),
         )
+
+    def terminate(s: NNOMPState) -> jax.Array:
+        """A step that added no atom stops its row (`failure`); a residual at rounding level
+        (EXACT) or at `tol`, or `k` atoms in the support (CONVERGED), too."""
+        full = jnp.sum(s.active, axis=1) >= k
+        met = jnp.where(
+            s.residual_sq <= exact_sq,
+            stop_code(Status.EXACT),
+            jnp.where(full | (s.residual_sq <= tol_sq), stop_code(Status.CONVERGED), RUNNING),
+        )
+        return jnp.where(s.failure != RUNNING, s.failure, met)
 
     width = n_features if use_gram else d_model
     state = NNOMPState(
@@ -537,19 +533,16 @@ def solve_nnomp(
         active=jnp.zeros((batch, k), bool),
         indices=jnp.full((batch, k), -1, jnp.int32),
         n_iter=jnp.zeros((batch,), jnp.int32),
-        stop=_initial_stop(x_sq),
+        residual_sq=x_sq,
+        failure=jnp.zeros((batch,), jnp.int32),
     )
-    state, _ = jax.lax.while_loop(
-        lambda carry: (carry[1] < 2 * k) & jnp.any(carry[0].stop == 0),
-        lambda carry: (step(carry[0]), carry[1] + 1),
-        (state, 0),
-    )
+    state, stop = iterate(step, terminate, state, initial_stop(x_sq), 2 * k)
     # The support first, in slot order.
     order = jnp.argsort(~state.active, axis=1, stable=True)
     active = jnp.take_along_axis(state.active, order, axis=1)
     indices = jnp.where(active, jnp.take_along_axis(state.indices, order, axis=1), -1)
     values = jnp.where(active, jnp.take_along_axis(state.coef, order, axis=1), 0.0)
-    status = _final_status(state.stop, Status.MAX_ITER)
+    status = final_status(stop, Status.MAX_ITER)
     return ChunkSolution(
         indices=indices,
         values=values,
