@@ -110,6 +110,11 @@ class L1Params(UnfoldOptions):
         None, description="Iteration budget per row (solver default when omitted)."
     )
     positive: bool | None = Field(None, description="Constrain codes to be >= 0 (default no).")
+    max_nonzero: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="Most non-zeros per row in the answer (default min(n_features, d_model), "
+        "at most n_features); a row that needs more reports status 5.",
+    )
 
 
 class ISTAParams(L1Params):
@@ -180,7 +185,10 @@ class UnfoldResponse(BaseModel):
     relative_error: list[float] = Field(description="residual_norm / ||x - bias|| per row.")
     l0: list[int] = Field(description="Non-zero codes per row (before `top`).")
     n_iter: list[int]
-    status: list[int] = Field(description="0 converged, 1 max_iter, 2 exact, 3 dependent, ...")
+    status: list[int] = Field(
+        description="0 converged, 1 max_iter, 2 exact, 3 dependent, 4 no positive correlation, "
+        "5 more non-zeros than max_nonzero"
+    )
     messages: list[str]
     duality_gap: list[float | None] = Field(description="LASSO methods; null for OMP.")
 

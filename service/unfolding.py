@@ -23,7 +23,17 @@ from .schemas import UnfoldParams, UnfoldRequest
 
 REQUEST_ADAPTER = TypeAdapter(UnfoldRequest)
 PARAMS_ADAPTER = TypeAdapter(UnfoldParams)
-QUERY_PARAMS = ("method", "k", "tol", "alpha", "max_iter", "positive", "output", "top")
+QUERY_PARAMS = (
+    "method",
+    "k",
+    "tol",
+    "alpha",
+    "max_iter",
+    "positive",
+    "max_nonzero",
+    "output",
+    "top",
+)
 OUTPUT_FIELDS = {"output", "top"}
 
 

@@ -154,3 +154,34 @@ def test_every_non_finite_row_is_named(client, bad):
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "non_finite"
     assert "row(s) [1, 4]" in response.json()["error"]["message"]
+
+
+def test_max_nonzero_bounds_the_lasso_answer_and_status_5_says_when_it_binds(client, toy):
+    """The parameter status 5's message names is accepted (JSON and query string); a row
+    whose solution needs more non-zeros says so, and one within the bound converges."""
+    directions, info = toy
+    rng = np.random.default_rng(3)
+    codes = np.zeros((2, 64))
+    codes[0, rng.choice(64, 6, replace=False)] = 1.0
+    codes[1, 5] = 1.0
+    activations = codes @ directions
+    url = f"/v1/dictionaries/{info['id']}/unfold"
+    body = {"activations": activations.tolist(), "method": "lasso", "alpha": 1e-3}
+    response = client.post(url, json={**body, "max_nonzero": 2})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["status"] == [5, 0]
+    assert "max_nonzero" in answer["messages"][0]
+    assert all(len(code["indices"]) <= 2 for code in answer["codes"])
+    assert answer["codes"][1]["indices"] == [5]
+    query = client.post(
+        f"{url}?method=lasso&alpha=0.001&max_nonzero=2",
+        content=npy_bytes(activations.astype(np.float32)),
+        headers=NPY_HEADERS,
+    )
+    assert query.status_code == 200, query.text
+    assert query.json()["status"] == [5, 0]
+    too_many = client.post(url, json={**body, "max_nonzero": 65})
+    assert too_many.status_code == 422
+    assert too_many.json()["error"]["code"] == "invalid_parameter"
+    assert "max_nonzero" in too_many.json()["error"]["message"]
