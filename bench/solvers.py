@@ -19,10 +19,47 @@ mean objective's relative difference to SPAMS in float64. Then the time to first
 (compilation) for new shapes, and with ``--p2`` the matrix-free problem P2 (n_features=65536,
 d_model=2304, k=64, batch 256) in a subprocess, with its peak memory (VmHWM).
 
+Problem P3 (``--p3``): a dictionary the size of a GPT-2-small SAE, 24576 unit-norm Gaussian
+directions in d_model=768, codes with k=32 and with k=64 non-zeros in [0.5, 2], noise 0.01,
+4096 rows (``--p3-batch``). The codes are non-negative, as an SAE's are: SAELens's
+matching-pursuit encoder only selects positive correlations and clamps values at zero, so it
+could not express signed codes (Unfold's OMP is signed either way). Rows, for each k:
+
+- Unfold OMP at its default settings: ``solvers.unfold(x, prepared, method="omp", k=k)`` on
+  ``prepared = solvers.prepare(dictionary)`` of the raw numpy dictionary, so `prepare`'s own
+  choice of path runs (the Gram matrix is 2.4 GB here); set-up is that `prepare`.
+- SAELens's ``MatchingPursuitSAE`` (`sae_lens.saes.matching_pursuit_sae`): its own ``encode``
+  (under ``torch.no_grad()``) with ``W_dec`` = the dictionary, ``b_dec`` = 0, CPU torch,
+  float32, on the first ``--p3-peer-rows`` rows (ratios are per row), in a subprocess
+  without JAX (torch sharing a process with JAX ran several times slower on small batches).
+  Its stopping rules are a number of iterations (``max_iterations``), a residual norm
+  (``residual_threshold``) and an unchanged support (``stop_on_duplicate_support``); none
+  counts distinct atoms. Matching pursuit (not orthogonal) may select an atom again, which
+  adds to its value without adding to the support, so the closest to L0 = k is
+  ``max_iterations=k`` with the two other rules off: k selections, L0 <= k (the table's mean
+  L0 column shows how close). Its values are the correlations at selection, never re-fitted.
+  With ``--p3-peer-defaults`` also a row with its default stopping rules
+  (``residual_threshold=0.01``, ``max_iterations=d_model``, stopping on an unchanged support),
+  run once.
+
+Columns as P1's, with the mean L0 (non-zeros per row) in place of the LASSO objective.
+
+A/B mode (``--against REV``): the Unfold rows alone (P1 OMP k=32 and non-negative LASSO
+alpha=0.05 on a `prepare`d dictionary as in P1, P3 OMP k=32 and k=64 at default settings) for
+the code at git revision REV ("old", checked out by ``git worktree add --detach`` under
+/tmp/unfold-ab-<rev>, removed at the end) and for this working tree ("new"), each in its own
+worker process that imports `solvers` from its tree and uses only `solvers.prepare` and
+`solvers.unfold`. Both read the same data (saved once to .npy files); for each row the first
+calls (compilation and run) go old then new, then ``--repeats`` turns alternate old, new.
+The table gives the median rows/s of each, the ratio new/old, the first-call seconds, and the
+mean relative error and L0 of each (which should agree). `prepare` is timed apart.
+
     python bench/solvers.py             # P1 (a few minutes)
     python bench/solvers.py --p2        # and P2 (--p2-only: P2 alone)
-    python bench/solvers.py --quick     # small smoke run
+    python bench/solvers.py --p3        # and P3 against SAELens (--p3-only: P3 alone)
+    python bench/solvers.py --quick     # small smoke run (P3: 4096 x 256, k=16 and 32)
     python bench/solvers.py --ceiling   # and a row for OMP's unavoidable work alone
+    python bench/solvers.py --against HEAD~3   # A/B of Unfold's rows: HEAD~3 vs this tree
 
 The ceiling row (`omp_traffic_ceiling`) is not a solver: it runs the OMP solver's memory
 traffic (correlations, per step the selection over all features, the gather of a Gram row and
@@ -30,7 +67,7 @@ the product with the row's stored Gram rows) without its bookkeeping, in the sam
 streams. OMP does all of this and more, so beyond measurement noise it cannot run faster; the
 gap between the two is what the bookkeeping costs.
 
-Unfold runs one call per core at once (see `solvers._api.default_streams`); peers get their
+Unfold runs one call per core at once (its CPU plan, `solvers.plan_for`); peers get their
 best thread count. SPAMS runs in subprocesses without the host's OPENBLAS_CORETYPE and
 OPENBLAS_L2_SIZE, under the OpenBLAS kernel it is fastest with: the OpenBLAS bundled with
 spams-bin does not recognise recent CPUs (Zen 4 falls back to the generic "Prescott" kernel,
@@ -128,14 +165,18 @@ def peak_memory_bytes() -> int:
     return -1
 
 
-def print_table(rows: list[dict], peers: list[str]) -> None:
-    head = f"{'method':10s} {'implementation':34s} {'set-up s':>8s} {'rows':>6s} {'time s':>8s} "
-    head += f"{'rows/s':>8s} " + " ".join(f"{'x ' + p:>9s}" for p in peers)
-    head += f" {'rel.err':>8s} {'F1':>6s} {'obj vs SPAMS':>12s}"
+def print_table(rows: list[dict], peers: list[str], *, l0: bool = False) -> None:
+    """One table of `rows`, with Unfold's speed ratio to each of `peers`; the last column is
+    the LASSO objective against SPAMS, or with `l0` the mean number of non-zeros per row."""
+    width = max([34] + [len(row["impl"]) for row in rows])
+    head = f"{'method':10s} {'implementation':{width}s} {'set-up s':>8s} {'rows':>6s} "
+    head += f"{'time s':>8s} {'rows/s':>8s} " + " ".join(f"{'x ' + p:>9s}" for p in peers)
+    last = f"{'mean L0':>8s}" if l0 else f"{'obj vs SPAMS':>12s}"
+    head += f" {'rel.err':>8s} {'F1':>6s} {last}"
     print(head)
     print("-" * len(head))
     for row in rows:
-        line = f"{row['method']:10s} {row['impl']:34s} {row.get('setup', float('nan')):8.2f} "
+        line = f"{row['method']:10s} {row['impl']:{width}s} {row.get('setup', float('nan')):8.2f} "
         line += f"{row['rows']:6d} {row['time']:8.3f} {row['rows'] / row['time']:8.1f} "
         ratios = []
         for peer in peers:
@@ -147,7 +188,8 @@ def print_table(rows: list[dict], peers: list[str]) -> None:
             else:
                 ratios.append(f"{'':9s}")
         line += " ".join(ratios)
-        line += f" {row['rel_err']:8.4f} {row['f1']:6.4f} {row.get('obj', ''):>12s}"
+        line += f" {row['rel_err']:8.4f} {row['f1']:6.4f} "
+        line += f"{row['l0']:8.2f}" if l0 else f"{row.get('obj', ''):>12s}"
         print(line)
 
 
@@ -381,7 +423,7 @@ def run_peers_lasso(dictionary, codes, x, alpha, args, rows_out):
 
 
 def omp_traffic_ceiling(k: int):
-    """Settings for `solvers._api.solve` that do Batch-OMP's unavoidable work alone, for
+    """Settings for `solvers._api.run` that do Batch-OMP's unavoidable work alone, for
     ``--ceiling``: the correlations ``x @ atoms.T``, then per step the selection of the best
     atom, the gather of its Gram row into the row's store and the product with the store, in
     the OMP solver's own segments, chunks and streams; but none of its k x k bookkeeping (the
@@ -400,10 +442,8 @@ def omp_traffic_ceiling(k: int):
     class Ceiling:
         k: int
         uses_correlations = True
-        gram_chunk_rows = _omp.OMP.gram_chunk_rows
-        gram_min_rows = _omp.OMP.gram_min_rows
 
-        def solve(self, dictionary, x, correlations):
+        def solve(self, dictionary, x, correlations, plan=None):
             batch, dtype = x.shape[0], x.dtype
             shifts = jnp.asarray(
                 np.random.default_rng(0).permutation(dictionary.n_features)[: self.k]
@@ -480,8 +520,10 @@ def run_p1(args) -> None:
         )
         if args.ceiling:
             ceiling = omp_traffic_ceiling(k)
-            solvers._api.solve(ceiling, prepared, x)  # compile
-            seconds, _ = timed(lambda: solvers._api.solve(ceiling, prepared, x), args.repeats)
+            # OMP's own plan: its chunks, streams and padding.
+            plan = solvers.plan_for(solvers.make_settings("omp", prepared, k=k), prepared)
+            solvers._api.run(ceiling, prepared, x, plan)  # compile
+            seconds, _ = timed(lambda: solvers._api.run(ceiling, prepared, x, plan), args.repeats)
             unknown = float("nan")  # not a solver: no codes to judge
             row = dict(method="omp", impl="ceiling: OMP's traffic alone", setup=setup, rows=batch)
             rows.append({**row, "time": seconds, "rel_err": unknown, "f1": unknown})
@@ -651,10 +693,415 @@ def run_p2(args) -> None:
     )
 
 
+# ------------------------------------------------------------------------------------- P3
+
+
+def mean_l0(codes: np.ndarray) -> float:
+    """Mean number of non-zeros per row of `codes` of shape (batch, n_features)."""
+    return float(np.mean(np.count_nonzero(codes, axis=1)))
+
+
+def saelens_mp_encoder(dictionary: np.ndarray, **stopping):
+    """SAELens's `MatchingPursuitSAE` with decoder `W_dec` = `dictionary` of shape
+    (n_features, d_model), ``b_dec`` = 0, float32 on the CPU, and the stopping rules of
+    `stopping` (``residual_threshold``, ``max_iterations``, ``stop_on_duplicate_support``;
+    SAELens's defaults for those not given): (encoder, set-up seconds)."""
+    import torch
+    from sae_lens import MatchingPursuitSAE, MatchingPursuitSAEConfig
+
+    started = time.perf_counter()
+    n_features, d_model = dictionary.shape
+    config = MatchingPursuitSAEConfig(
+        d_in=d_model, d_sae=n_features, dtype="float32", device="cpu", **stopping
+    )
+    sae = MatchingPursuitSAE(config)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.from_numpy(dictionary))
+        sae.b_dec.zero_()
+    return sae, time.perf_counter() - started
+
+
+def saelens_worker(path: str) -> None:
+    """Time SAELens's matching-pursuit `encode` as described by the .npz at `path` (in a
+    process without JAX) and print one JSON line: a table row without its labels."""
+    import torch
+
+    data = np.load(path)
+    dictionary, x, truth = data["dictionary"], data["x"], data["truth"]
+    sae, setup = saelens_mp_encoder(dictionary, **json.loads(str(data["stopping"])))
+    activations = torch.from_numpy(x)
+
+    def encode():
+        with torch.no_grad():
+            return sae.encode(activations).numpy()
+
+    seconds, codes = timed(encode, int(data["repeats"]))
+    row = table_row("", "", codes, dictionary, x, truth, setup=setup, seconds=seconds)
+    print(json.dumps({**row, "l0": mean_l0(codes), "threads": torch.get_num_threads()}))
+
+
+def saelens_mp_row(method, impl, dictionary, x, truth, repeats, **stopping) -> dict | None:
+    """A table row for SAELens's matching-pursuit `encode` of activations `x` (a row each)
+    with true codes `truth`, timed over `repeats` calls in a subprocess (`saelens_worker`),
+    so that neither JAX's threads nor its memory share the process; None if it failed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "task.npz")
+        np.savez(
+            path,
+            dictionary=dictionary,
+            x=x,
+            truth=truth,
+            repeats=repeats,
+            stopping=json.dumps(stopping),
+        )
+        done = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--saelens-worker", path],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if done.returncode != 0:
+        print(f"SAELens {impl} failed: {done.stderr[-2000:]}")
+        return None
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**row, "method": method, "impl": impl, "peer": "SAELens"}
+
+
+def gram_choice_note(dictionary) -> str:
+    """Why `prepare` takes the path it takes for `dictionary`, where this tree says."""
+    from solvers import _dictionary
+
+    choose_path = getattr(_dictionary, "choose_path", None)
+    if choose_path is None:
+        return ""
+    try:
+        return choose_path(dictionary.shape[0], dictionary.dtype).reason
+    except Exception:  # a private helper: its signature may change
+        return ""
+
+
+def run_p3(args) -> None:
+    import jax
+
+    import solvers
+
+    n_features, d_model = args.p3_shape
+    batch, n_peer = args.p3_batch, min(args.p3_peer_rows, args.p3_batch)
+    print()
+    print(
+        f"P3: n_features={n_features} d_model={d_model} batch={batch} k={list(args.p3_ks)} "
+        f"noise=0.01, non-negative codes; Unfold in float32 at default settings on "
+        f"{len(os.sched_getaffinity(0))} cores; SAELens on {n_peer} rows"
+    )
+    from importlib import metadata
+
+    try:
+        versions = f"SAELens {metadata.version('sae-lens')}, torch {metadata.version('torch')}"
+        print(f"  {versions}, in a subprocess without JAX")
+        with_peer = True
+    except metadata.PackageNotFoundError:
+        print("  sae-lens not installed (pip install sae-lens, after a CPU torch): skipped")
+        with_peer = False
+    rows: list[dict] = []
+    notes = []
+    prepared = None
+    for k in args.p3_ks:
+        # One seed: the same dictionary for every k (drawn first), other codes.
+        dictionary, codes, x = make_problem(n_features, d_model, batch, k, seed=3, positive=True)
+        if prepared is None:
+            started = time.perf_counter()
+            prepared = solvers.prepare(dictionary)
+            jax.block_until_ready(prepared)
+            setup = time.perf_counter() - started
+            path = "matrix-free" if prepared.gram is None else "gram"
+            reason = gram_choice_note(dictionary)
+            why = f" ({reason})" if reason else ""
+            notes.append(f"prepare: {setup:.1f} s, {path} path{why}")
+        started = time.perf_counter()
+        solvers.unfold(x, prepared, method="omp", k=k)
+        first = time.perf_counter() - started
+        seconds, result = timed(
+            lambda x=x, k=k, p=prepared: solvers.unfold(x, p, method="omp", k=k), args.repeats
+        )
+        dense = result.to_dense()
+        impl = f"Unfold omp float32 ({path}, default)"
+        row = table_row(f"k={k}", impl, dense, dictionary, x, codes, setup=setup, seconds=seconds)
+        rows.append({**row, "l0": mean_l0(dense)})
+        del dense, result
+        notes.append(
+            f"Unfold omp k={k}, first call on {batch} rows: {first:.1f} s "
+            f"(of which compile about {first - seconds:.1f} s)"
+        )
+        if with_peer:
+            sub_x, sub_codes = x[:n_peer], codes[:n_peer]
+            impl = f"SAELens MatchingPursuitSAE (max_iterations={k})"
+            stopping = dict(max_iterations=k, residual_threshold=0.0)
+            row = saelens_mp_row(
+                f"k={k}",
+                impl,
+                dictionary,
+                sub_x,
+                sub_codes,
+                args.repeats,
+                stop_on_duplicate_support=False,
+                **stopping,
+            )
+            rows.extend([row] if row else [])
+            if args.p3_peer_defaults:
+                impl = "SAELens MatchingPursuitSAE (defaults)"
+                row = saelens_mp_row(f"k={k}", impl, dictionary, sub_x, sub_codes, 1)
+                # No ratio against this row: another L0.
+                rows.extend([{**row, "peer": "SAELens defaults"}] if row else [])
+        del codes, x
+    print()
+    print_table(rows, ["SAELens"], l0=True)
+    print()
+    print("Notes (time to first result includes compilation):")
+    for note in notes:
+        print("  " + note)
+
+
+# ------------------------------------------------------------------------------------- A/B
+
+
+def ab_cases(args) -> list[dict]:
+    """The Unfold rows of the A/B mode: P1 OMP and non-negative LASSO on P1's prepared
+    dictionary, P3 OMP for each of its k at default settings."""
+    k, p3_k = args.k, args.p3_ks
+    cases = [
+        dict(problem="P1", method="omp", params=dict(k=k), label=f"omp k={k}"),
+        dict(
+            problem="P1",
+            method="lasso",
+            params=dict(alpha=0.05, positive=True),
+            label="nn-lasso a=0.05",
+            positive=True,
+        ),
+    ]
+    cases += [dict(problem="P3", method="omp", params=dict(k=k), label=f"omp k={k}") for k in p3_k]
+    for case in cases:
+        case["name"] = f"{case['problem']} {case['label']}"
+    return cases
+
+
+def write_ab_data(args, directory: str) -> list[dict]:
+    """Save the dictionaries and activations of `ab_cases` (as their sections make them) as
+    .npy files under `directory`, with a ``cases.json`` that says which file is which."""
+    cases = ab_cases(args)
+    files = {}
+    for case in cases:
+        if case["problem"] == "P1":
+            shape, batch, seed, k = (args.n_features, args.d_model), args.batch, 0, args.k
+            positive = case.get("positive", False)
+            if positive:
+                batch = min(batch, args.lasso_batch)
+        else:
+            shape, batch, seed, k = args.p3_shape, args.p3_batch, 3, case["params"]["k"]
+            positive = True
+        dictionary, _, x = make_problem(*shape, batch, k, seed=seed, positive=positive)
+        files.setdefault(case["problem"], f"{case['problem']}_dictionary.npy")
+        np.save(os.path.join(directory, files[case["problem"]]), dictionary)
+        case["x"] = f"{case['name'].replace(' ', '_').replace('=', '')}_x.npy"
+        case["rows"] = len(x)
+        np.save(os.path.join(directory, case["x"]), x)
+    with open(os.path.join(directory, "cases.json"), "w") as out:
+        json.dump(dict(dictionaries=files, cases=cases), out)
+    return cases
+
+
+AB_PREFIX = "AB-RESULT "
+"""Marks the A/B worker's answers on its stdout (anything else printed there is ignored)."""
+
+
+def ab_worker(tree: str, directory: str) -> None:
+    """Serve the A/B cases of `directory` with the `solvers` of the code tree `tree`: read a
+    case name a line from stdin, run it once, answer a JSON line (after `AB_PREFIX`) with its
+    seconds, mean relative error and L0, and the first time a dictionary is used, its
+    `prepare` seconds and path. Uses only `solvers.prepare` and `solvers.unfold`."""
+    sys.path.insert(0, os.path.abspath(tree))
+    import jax
+
+    import solvers
+
+    where = os.path.abspath(solvers.__file__)
+    if not where.startswith(os.path.abspath(tree) + os.sep):
+        raise RuntimeError(f"solvers imported from {where}, not from {tree}")
+    with open(os.path.join(directory, "cases.json")) as spec:
+        spec = json.load(spec)
+    cases = {case["name"]: case for case in spec["cases"]}
+    prepared, activations = {}, {}
+
+    def answer(**fields):
+        print(AB_PREFIX + json.dumps(fields), flush=True)
+
+    answer(solvers=where)
+    for line in sys.stdin:
+        case = cases[line.strip()]
+        out = {}
+        problem = case["problem"]
+        if problem not in prepared:
+            dictionary = np.load(os.path.join(directory, spec["dictionaries"][problem]))
+            started = time.perf_counter()
+            prepared[problem] = solvers.prepare(dictionary)
+            jax.block_until_ready(prepared[problem])
+            out["prepare"] = time.perf_counter() - started
+        dictionary = prepared[problem]
+        out["path"] = "matrix-free" if dictionary.gram is None else "gram"
+        if case["method"] not in solvers.METHODS:
+            answer(**out, missing=True)
+            continue
+        if case["x"] not in activations:
+            activations[case["x"]] = np.load(os.path.join(directory, case["x"]))
+        x = activations[case["x"]]
+        started = time.perf_counter()
+        result = solvers.unfold(x, dictionary, method=case["method"], **case["params"])
+        seconds = time.perf_counter() - started
+        answer(
+            **out,
+            time=seconds,
+            rel_err=float(np.mean(result.relative_error)),
+            l0=float(np.mean(result.l0)),
+        )
+
+
+class ABWorker:
+    """An `ab_worker` process for the code tree `tree`, run one case at a time."""
+
+    def __init__(self, tree: str, directory: str):
+        # Its stderr, kept for the worker's life (closed by `close`).
+        log = os.path.join(directory, f"worker-{len(os.listdir(directory))}.log")
+        self.log = open(log, "w+")  # noqa: SIM115
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.path.abspath(tree)] + [p for p in [env.get("PYTHONPATH")] if p]
+        )
+        script = os.path.abspath(__file__)
+        self.process = subprocess.Popen(
+            [sys.executable, script, "--ab-worker", os.path.abspath(tree), directory],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
+        self.solvers = self.receive()["solvers"]
+
+    def receive(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(AB_PREFIX):
+                return json.loads(line[len(AB_PREFIX) :])
+        self.log.seek(0)
+        raise RuntimeError("A/B worker failed:\n" + self.log.read()[-3000:])
+
+    def run(self, name: str) -> dict:
+        self.process.stdin.write(name + "\n")
+        self.process.stdin.flush()
+        return self.receive()
+
+    def close(self) -> None:
+        if self.process.stdin and not self.process.stdin.closed:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def git(*command: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        ["git", "-C", root, *command], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(command)} failed: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def run_ab(args) -> None:
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = git("rev-parse", "--verify", f"{args.against}^{{commit}}")
+    worktree = f"/tmp/unfold-ab-{commit[:12]}"
+    if os.path.exists(worktree):  # left over from an interrupted run
+        git("worktree", "remove", "--force", worktree)
+    git("worktree", "add", "--detach", worktree, commit)
+    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--", "solvers") else ""
+    subject = git("log", "-1", "--format=%s", commit)[:60]
+    print(
+        f"A/B: old = {args.against} ({commit[:12]}, {subject}), new = the working tree{dirty}; "
+        f"{args.repeats} alternating turns after the first calls"
+    )
+    print(
+        f"  P1: {args.n_features} x {args.d_model}, {args.batch} rows; P3: "
+        f"{args.p3_shape[0]} x {args.p3_shape[1]}, {args.p3_batch} rows; "
+        f"{len(os.sched_getaffinity(0))} cores"
+    )
+    workers: dict[str, ABWorker] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="unfold-ab-data-") as directory:
+            cases = write_ab_data(args, directory)
+            workers["old"] = ABWorker(worktree, directory)
+            workers["new"] = ABWorker(root, directory)
+            for side, worker in workers.items():
+                print(f"  {side}: solvers from {worker.solvers}")
+            results = []
+            for case in cases:
+                runs = {"old": [], "new": []}
+                first = {}
+                for turn in range(1 + args.repeats):
+                    for side in ("old", "new"):
+                        r = workers[side].run(case["name"])
+                        if "prepare" in r:
+                            print(
+                                f"  {side} prepare {case['problem']}: {r['prepare']:.1f} s, "
+                                f"{r['path']} path"
+                            )
+                        if turn == 0:
+                            first[side] = r
+                        elif "time" in r:
+                            runs[side].append(r["time"])
+                results.append((case, first, runs))
+    finally:
+        for worker in workers.values():
+            worker.close()
+        git("worktree", "remove", "--force", worktree)
+    print()
+    print_ab_table(results)
+
+
+def print_ab_table(results) -> None:
+    """The A/B table: per case, each side's median rows/s, the ratio new/old, first calls."""
+    head = f"{'problem':7s} {'method':16s} {'rows':>5s} {'path old/new':>23s} "
+    head += f"{'old rows/s':>10s} {'new rows/s':>10s} {'new/old':>7s} "
+    head += f"{'1st old s':>9s} {'1st new s':>9s} {'rel.err old/new':>15s} {'L0 old/new':>11s}"
+    print(head)
+    print("-" * len(head))
+    for case, first, runs in results:
+        line = f"{case['problem']:7s} {case['label']:16s} {case['rows']:5d} "
+        line += f"{first['old']['path'] + '/' + first['new']['path']:>23s} "
+        if not runs["old"] or not runs["new"]:
+            missing = " ".join(side for side in ("old", "new") if not runs[side])
+            print(line + f"(no {case['method']} in the {missing} tree)")
+            continue
+        old, new = (case["rows"] / statistics.median(runs[side]) for side in ("old", "new"))
+        line += f"{old:10.1f} {new:10.1f} {new / old:7.2f} "
+        line += f"{first['old']['time']:9.2f} {first['new']['time']:9.2f} "
+        line += f"{first['old']['rel_err']:7.4f}/{first['new']['rel_err']:7.4f} "
+        line += f"{first['old']['l0']:5.1f}/{first['new']['l0']:5.1f}"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, help="timed calls (median); default 3, 1 with --quick, A/B: 5"
+    )
     parser.add_argument("--quick", action="store_true", help="small problem, one repeat")
     parser.add_argument("--p2", action="store_true", help="also the matrix-free problem P2")
     parser.add_argument("--p2-only", action="store_true", help="only P2")
@@ -677,30 +1124,65 @@ def main() -> None:
         action="store_false",
         help="let SPAMS's OpenBLAS detect the CPU instead of trying kernels",
     )
+    parser.add_argument("--p3", action="store_true", help="also P3 against SAELens")
+    parser.add_argument("--p3-only", action="store_true", help="only P3")
+    parser.add_argument("--p3-batch", type=int, default=4096)
+    parser.add_argument(
+        "--p3-peer-rows", type=int, default=1024, help="rows SAELens's encoder runs on"
+    )
+    parser.add_argument(
+        "--p3-peer-defaults",
+        action="store_true",
+        help="also SAELens's encoder with its default stopping rules (run once)",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="A/B of Unfold's rows: the code at git revision REV against this working tree",
+    )
     parser.add_argument("--p2-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ab-worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--saelens-worker", help=argparse.SUPPRESS)
     parser.add_argument("--spams-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.n_features, args.d_model, args.k = 8192, 512, 32
     args.compile_shapes = [(32, 100), (64, 100)]
     args.p2_shape = (65536, 2304, args.p2_batch, 64)
+    args.p3_shape, args.p3_ks = (24576, 768), (32, 64)
+    if args.repeats is None:
+        args.repeats = 5 if args.against else 1 if args.quick else 3
     if args.quick:
         args.n_features, args.d_model, args.k = 2048, 256, 16
-        args.batch, args.repeats = min(args.batch, 512), 1
+        args.batch = min(args.batch, 512)
         args.sklearn_rows, args.sklearn_lasso_rows = 16, 4
         args.lasso_batch = min(args.lasso_batch, 256)
         args.compile_shapes = [(16, 100)]
         args.p2_batch, args.p2_sklearn_rows = min(args.p2_batch, 32), 1
         args.p2_shape = (16384, 768, args.p2_batch, 32)
+        args.p3_shape, args.p3_ks = (4096, 256), (16, 32)
+        args.p3_batch = min(args.p3_batch, 512)
+        args.p3_peer_rows = min(args.p3_peer_rows, 64)
     if args.spams_worker:
         spams_worker(args.spams_worker)
         return
     if args.p2_worker:
         p2_worker(args)
         return
-    if not args.p2_only:
+    if args.saelens_worker:
+        saelens_worker(args.saelens_worker)
+        return
+    if args.ab_worker:
+        ab_worker(*args.ab_worker)
+        return
+    if args.against:
+        run_ab(args)
+        return
+    if not (args.p2_only or args.p3_only):
         run_p1(args)
     if args.p2 or args.p2_only:
         run_p2(args)
+    if args.p3 or args.p3_only:
+        run_p3(args)
 
 
 if __name__ == "__main__":
