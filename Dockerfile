@@ -4,6 +4,13 @@
 #       --build-arg EXTRA_CA_CERTS="$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null)" .
 #   docker run --rm -p 127.0.0.1:8000:8000 -v unfold-data:/data unfold:local
 #
+# The GPU variant (NVIDIA; CUDA libraries from pip wheels, the driver from the host through the
+# NVIDIA container toolkit):
+#
+#   docker build --network=host -t unfold:gpu --build-arg UNFOLD_EXTRAS=gpu \
+#       --build-arg JAX_PLATFORMS=cuda,cpu .
+#   docker run --rm --gpus all -p 127.0.0.1:8000:8000 -v unfold-data:/data unfold:gpu
+#
 # Two stages on debian:bookworm-slim (Python 3.11 from Debian): the builder creates a
 # virtual environment in /opt/venv and installs the project into it (not editable); the
 # final stage has only python3, that venv and a non-root user.
@@ -43,9 +50,11 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # Runtime dependencies first, read from pyproject.toml, so that this slow layer stays
-# cached while only the code changes. (No test or bench extras.)
+# cached while only the code changes: the project's dependencies and those of the extras named
+# in UNFOLD_EXTRAS (comma-separated; "gpu" for NVIDIA GPUs; never the test or bench extras).
+ARG UNFOLD_EXTRAS=""
 COPY pyproject.toml ./
-RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+RUN UNFOLD_EXTRAS="$UNFOLD_EXTRAS" python3 -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = [e for e in os.environ["UNFOLD_EXTRAS"].split(",") if e]; print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' \
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 
@@ -80,8 +89,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     UNFOLD_DATA_DIR=/data \
     UNFOLD_HOST=0.0.0.0 \
-    UNFOLD_PORT=8000 \
-    JAX_PLATFORMS=cpu
+    UNFOLD_PORT=8000
+# The backends JAX may use: the CPU image only the CPU; the GPU variant "cuda,cpu".
+ARG JAX_PLATFORMS=cpu
+ENV JAX_PLATFORMS=$JAX_PLATFORMS
 # (The service keeps JAX's persistent compilation cache in $UNFOLD_DATA_DIR/jax-cache, i.e. in
 # the volume, unless UNFOLD_COMPILATION_CACHE=false.)
 
