@@ -31,7 +31,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._driver import RUNNING, iterate, stop_code
 from ._products import einsum
+from ._result import Status
 
 DEPENDENT_SCHUR = 1e3
 """A feature whose Schur complement is under this many epsilons of its squared norm is
@@ -131,14 +133,17 @@ def follow_path(
         # The feature that just left, not back at once across the bound it left by, stored
         # as its position + 1, negated when it left by -lam (0: none).
         jnp.zeros((batch,), jnp.int32),
-        go,
-        running & ~go,  # finished: nothing moves
-        jnp.zeros((batch,), bool),  # crowded
+        jnp.zeros((batch,), jnp.int32),  # the last step's outcome: a stop code, or RUNNING
         jnp.zeros((batch,), jnp.int32),  # steps
     )
+    # Rows not to solve stop at once as MAX_ITER (neither finished nor crowded); rows where
+    # nothing moves are finished (CONVERGED).
+    stop = jnp.where(
+        running, jnp.where(go, RUNNING, stop_code(Status.CONVERGED)), stop_code(Status.MAX_ITER)
+    )
 
-    def step(carry):
-        s, active, slot_speed, t, barred, go, finished, crowded, steps = carry
+    def step(carry, go):
+        s, active, slot_speed, t, barred, _, steps = carry
         used = s.signs != 0
         # d codes / dt on the active set keeps each active correlation at +-lam_j(t).
         direction = einsum("bij,bj->bi", s.inverse, s.signs * slot_speed)
@@ -249,13 +254,26 @@ def follow_path(
                 (left_feature + 1) * s.signs[rows, leaving].astype(jnp.int32),
                 0,
             ),
-            go & ~stop & ~blocked & (steps < max_steps),
-            finished | (go & stop),
-            crowded | no_slot,
+            jnp.where(
+                stop,
+                stop_code(Status.CONVERGED),
+                jnp.where(
+                    no_slot,
+                    stop_code(Status.TOO_MANY_NONZEROS),
+                    jnp.where(
+                        dependent,
+                        stop_code(Status.DEPENDENT),
+                        jnp.where(steps >= max_steps, stop_code(Status.MAX_ITER), RUNNING),
+                    ),
+                ),
+            ),
             steps,
         )
 
-    end, *_, finished, crowded, steps = jax.lax.while_loop(
-        lambda carry: jnp.any(carry[5]), step, carry
-    )
+    def terminate(carry) -> jax.Array:
+        return carry[5]
+
+    (end, *_, steps), stop = iterate(step, terminate, carry, stop, max_steps)
+    finished = stop == stop_code(Status.CONVERGED)
+    crowded = stop == stop_code(Status.TOO_MANY_NONZEROS)
     return end, steps, finished, crowded

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._dictionary import Dictionary
-from ._driver import RUNNING, final_status, stop_code
+from ._driver import RUNNING, final_status, iterate, stop_code
 from ._fista import proximal_gradient
 from ._homotopy import PathState, empty_path, follow_path
 from ._products import einsum, matmul
@@ -409,9 +409,10 @@ def solve_lasso(
                 return jnp.take_along_axis(matmul(matmul(dense, atoms), atoms.T), block, axis=1)
             return einsum("bw,bwv->bv", c, block)
 
-        def body(carry: tuple[_Outer, PathState, jax.Array, jax.Array, jax.Array]):
+        def refresh(carry: tuple[_Outer, PathState, jax.Array, jax.Array, jax.Array], active):
+            """A new working set for each running (`active`) row, solved, then the global
+            duality gap."""
             s, current, level, fallback, previous = carry
-            active = ~s.done
             signed = s.correlations if positive else jnp.abs(s.correlations)
             priority = jnp.where(  # no penalty (s = 0): rank by correlation alone
                 alpha > 0,
@@ -597,9 +598,13 @@ def solve_lasso(
             jnp.zeros((batch,), bool),
             jnp.full((batch, width), -1, jnp.int32),  # no previous working set
         )
-        return jax.lax.while_loop(
-            lambda c: jnp.any(~c[0].done) & (c[0].outer < MAX_OUTER), body, carry
-        )[0]
+
+        # `done` (per row) ends a row's work in this tier; its status comes from `met`/`full`.
+        def terminate(carry) -> jax.Array:
+            return jnp.where(carry[0].done, stop_code(Status.CONVERGED), RUNNING)
+
+        carry, _ = iterate(refresh, terminate, carry, terminate(carry), MAX_OUTER)
+        return carry[0]
 
     zeros = jnp.zeros((batch, n_features), dtype)
     no_iter = jnp.zeros((batch,), jnp.int32)
