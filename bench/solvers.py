@@ -253,39 +253,39 @@ def spams_worker(path: str) -> None:
     print(json.dumps(result))
 
 
-def run_spams(task: str, dictionary, x, codes, args, coretype: str, dtype="float64", **params):
-    """Run `spams_worker` in a subprocess with OPENBLAS_CORETYPE=`coretype` ("" unset)."""
+def run_worker(flag: str, label: str, env=None, **arrays) -> dict | None:
+    """Run this script with `flag` on `arrays` (saved to an .npz) in a subprocess; its last
+    line of output is a JSON row. None (and the error printed) if it failed."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "task.npz")
-        np.savez(
-            path,
-            task=task,
-            dictionary=dictionary,
-            x=x,
-            codes=codes,
-            threads=np.array(args.threads),
-            repeats=args.repeats,
-            dtype=dtype,
-            **params,
-        )
-        env = dict(os.environ)
-        env.pop("OPENBLAS_CORETYPE", None)
-        env.pop("OPENBLAS_L2_SIZE", None)
-        if coretype:
-            env["OPENBLAS_CORETYPE"] = coretype
+        np.savez(path, **arrays)
         done = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--spams-worker", path],
+            [sys.executable, os.path.abspath(__file__), flag, path],
             capture_output=True,
             text=True,
             env=env,
             check=False,
         )
     if done.returncode != 0:
-        print(f"SPAMS {task} failed: {done.stderr[-2000:]}")
+        print(f"{label} failed: {done.stderr[-2000:]}")
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_spams(task: str, dictionary, x, codes, args, coretype: str, dtype="float64", **params):
+    """Run `spams_worker` in a subprocess with OPENBLAS_CORETYPE=`coretype` ("" unset)."""
+    env = dict(os.environ)
+    env.pop("OPENBLAS_CORETYPE", None)
+    env.pop("OPENBLAS_L2_SIZE", None)
+    if coretype:
+        env["OPENBLAS_CORETYPE"] = coretype
+    arrays = dict(task=task, dictionary=dictionary, x=x, codes=codes, dtype=dtype, **params)
+    threads = np.array(args.threads)
+    return run_worker(
+        "--spams-worker", f"SPAMS {task}", env, threads=threads, repeats=args.repeats, **arrays
+    )
 
 
 def best_spams_coretypes(dictionary, x, codes, k, args) -> dict[str, list[str]]:
@@ -744,28 +744,10 @@ def saelens_mp_row(method, impl, dictionary, x, truth, repeats, **stopping) -> d
     """A table row for SAELens's matching-pursuit `encode` of activations `x` (a row each)
     with true codes `truth`, timed over `repeats` calls in a subprocess (`saelens_worker`),
     so that neither JAX's threads nor its memory share the process; None if it failed."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "task.npz")
-        np.savez(
-            path,
-            dictionary=dictionary,
-            x=x,
-            truth=truth,
-            repeats=repeats,
-            stopping=json.dumps(stopping),
-        )
-        done = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--saelens-worker", path],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    if done.returncode != 0:
-        print(f"SAELens {impl} failed: {done.stderr[-2000:]}")
+    arrays = dict(dictionary=dictionary, x=x, truth=truth, repeats=repeats)
+    row = run_worker("--saelens-worker", f"SAELens {impl}", stopping=json.dumps(stopping), **arrays)
+    if row is None:
         return None
-    row = json.loads(done.stdout.strip().splitlines()[-1])
     return {**row, "method": method, "impl": impl, "peer": "SAELens"}
 
 
@@ -958,11 +940,13 @@ def ab_worker(tree: str, directory: str) -> None:
         started = time.perf_counter()
         result = solvers.unfold(x, dictionary, method=case["method"], **case["params"])
         seconds = time.perf_counter() - started
+        # Fields of the result that a tree may lack are reported as NaN.
+        nan = np.full(len(x), np.nan)
         answer(
             **out,
             time=seconds,
-            rel_err=float(np.mean(result.relative_error)),
-            l0=float(np.mean(result.l0)),
+            rel_err=float(np.mean(getattr(result, "relative_error", nan))),
+            l0=float(np.mean(getattr(result, "l0", nan))),
         )
 
 
