@@ -90,7 +90,7 @@ def unfold(
         if value is not None:
             check_positive_int(name, value)
     if plan is None:
-        plan = plan_for(settings, dictionary, scan=scan, **overrides)
+        plan = _plan_of(settings, dictionary, scan=scan, **overrides)
     elif not isinstance(plan, Plan) or any(v is not None for v in (*overrides.values(), scan)):
         raise ValueError("pass either a Plan or its overrides (chunk_rows, ...), not both")
     with precision(dictionary.dtype):  # float64: JAX's 64-bit mode for this call only
@@ -99,6 +99,32 @@ def unfold(
         fields = result._asdict().items()
         return result._replace(**{f: v[0] for f, v in fields if f != "n_features"})
     return result
+
+
+def _plan_of(settings, dictionary: Dictionary, **overrides) -> Plan:
+    """`plan_for`, remembered for what it depends on (the settings, the dictionary's shape,
+    dtype, path, scan and device): a server asks for the same plan batch after batch, and an
+    accelerator's plan stays the same as its free memory moves (so no new program compiles)."""
+    key = (
+        settings,
+        dictionary.atoms.shape,
+        dictionary.dtype,
+        dictionary.path,
+        dictionary.scan_atoms is None,
+        next(iter(dictionary.atoms.devices())),
+        tuple(sorted(overrides.items())),
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = plan_for(settings, dictionary, **overrides)
+    return plan
+
+
+_PLANS: dict = {}
+MAX_PLANS = 1024
+"""Plans remembered by `_plan_of` (all forgotten when full)."""
 
 
 def padded_rows(n_rows: int, chunk_rows: int, block_rows: int, min_rows: int = 1) -> int:
