@@ -5,10 +5,10 @@
 #   docker run --rm -p 127.0.0.1:8000:8000 -v unfold-data:/data unfold:local
 #
 # The GPU variant (NVIDIA; CUDA libraries from pip wheels, the driver from the host through the
-# NVIDIA container toolkit):
+# NVIDIA container toolkit; same base image):
 #
 #   docker build --network=host -t unfold:gpu --build-arg UNFOLD_EXTRAS=gpu \
-#       --build-arg JAX_PLATFORMS=cuda,cpu .
+#       --build-arg EXTRA_CA_CERTS="$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null)" .
 #   docker run --rm --gpus all -p 127.0.0.1:8000:8000 -v unfold-data:/data unfold:gpu
 #
 # Two stages on debian:bookworm-slim (Python 3.11 from Debian): the builder creates a
@@ -90,8 +90,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     UNFOLD_DATA_DIR=/data \
     UNFOLD_HOST=0.0.0.0 \
     UNFOLD_PORT=8000
-# The backends JAX may use: the CPU image only the CPU; the GPU variant "cuda,cpu".
-ARG JAX_PLATFORMS=cpu
+# The backends JAX may use: the CPU image only the CPU; an image built with extras (the GPU
+# variant) "cuda,cpu": a GPU passed in (--gpus) that CUDA cannot initialise stops the start-up
+# with JAX's error instead of a quiet fall-back to the CPU (with no GPU device in the container,
+# JAX runs on the CPU). Override with --build-arg JAX_PLATFORMS=... or at run time (-e).
+ARG UNFOLD_EXTRAS=""
+ARG JAX_PLATFORMS=${UNFOLD_EXTRAS:+cuda,}cpu
 ENV JAX_PLATFORMS=$JAX_PLATFORMS
 # (The service keeps JAX's persistent compilation cache in $UNFOLD_DATA_DIR/jax-cache, i.e. in
 # the volume, unless UNFOLD_COMPILATION_CACHE=false.)
