@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1", tags=["info"])
 
 EXAMPLE = {
     "version": "0.1.0",
-    "jax": {"version": "0.4.30", "backend": "cpu", "devices": ["TFRT_CPU_0"]},
+    "jax": {"version": "0.10.2", "backend": "cpu", "devices": ["cpu:0"]},
     "batching": {"enabled": True, "max_batch_size": 256, "max_wait_ms": 2.0},
     "limits": {
         "max_rows": 65536,
