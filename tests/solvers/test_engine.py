@@ -244,3 +244,17 @@ def test_solve_runs_inside_the_callers_jit(gram):
     )
     with pytest.raises(ValueError, match=r"needs \(batch, 48\)"):
         solvers.solve(settings, prepared, jnp.zeros((2, 47)))
+
+
+def test_unfold_remembers_a_plan_per_settings_and_dictionary():
+    from solvers import _api
+
+    dictionary, _, _ = sparse_problem(256, 32, 4, 1, seed=2)
+    gram, free = solvers.prepare(dictionary, gram=True), solvers.prepare(dictionary, gram=False)
+    settings = solvers.make_settings("omp", gram, k=4)
+    first = _api._plan_of(settings, gram, streams=None)
+    assert _api._plan_of(settings, gram, streams=None) is first
+    assert _api._plan_of(settings, free, streams=None).chunk_rows != first.chunk_rows
+    assert _api._plan_of(settings, gram, streams=1).streams == 1
+    other = solvers.make_settings("omp", gram, k=5)
+    assert _api._plan_of(other, gram, streams=None) is not first
