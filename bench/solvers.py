@@ -21,9 +21,10 @@ d_model=2304, k=64, batch 256) in a subprocess, with its peak memory (VmHWM).
 
 Problem P3 (``--p3``): a dictionary the size of a GPT-2-small SAE, 24576 unit-norm Gaussian
 directions in d_model=768, codes with k=32 and with k=64 non-zeros in [0.5, 2], noise 0.01,
-4096 rows (``--p3-batch``). The codes are non-negative, as an SAE's are: SAELens's
-matching-pursuit encoder only selects positive correlations and clamps values at zero, so it
-could not express signed codes (Unfold's OMP is signed either way). Rows, for each k:
+4096 rows (``--p3-batch``; ``--p3-k`` for other k). The codes are non-negative, as an SAE's
+are: SAELens's matching-pursuit encoder only selects positive correlations and clamps values at
+zero, so it could not express signed codes (Unfold's OMP is signed either way). Rows, for each
+k:
 
 - Unfold OMP at its default settings: ``solvers.unfold(x, prepared, method="omp", k=k)`` on
   ``prepared = solvers.prepare(dictionary)`` of the raw numpy dictionary, so `prepare`'s own
@@ -1112,6 +1113,9 @@ def main() -> None:
     parser.add_argument("--p3-only", action="store_true", help="only P3")
     parser.add_argument("--p3-batch", type=int, default=4096)
     parser.add_argument(
+        "--p3-k", type=int, nargs="+", help="P3's k (default 32 and 64; --quick: 16 and 32)"
+    )
+    parser.add_argument(
         "--p3-peer-rows", type=int, default=1024, help="rows SAELens's encoder runs on"
     )
     parser.add_argument(
@@ -1146,6 +1150,7 @@ def main() -> None:
         args.p3_shape, args.p3_ks = (4096, 256), (16, 32)
         args.p3_batch = min(args.p3_batch, 512)
         args.p3_peer_rows = min(args.p3_peer_rows, 64)
+    args.p3_ks = tuple(args.p3_k or args.p3_ks)
     if args.spams_worker:
         spams_worker(args.spams_worker)
         return
