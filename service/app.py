@@ -36,7 +36,8 @@ def start_loading(
     registry: Registry, settings: Settings, background: BackgroundWork
 ) -> threading.Thread:
     """In the background: load and verify the stored dictionaries, seed the demo on an empty
-    store, compile the default programs; then the registry, hence `/readyz`, is ready."""
+    store (then `registry.loaded`: unknown names are 404), compile the default programs; then
+    the registry, hence `/readyz`, is ready."""
 
     def load():
         try:
@@ -49,6 +50,7 @@ def start_loading(
                     metadata={"description": "standard basis + Hadamard basis in 16 dimensions"},
                 )
                 log.info("registered the demo dictionary %r", DEMO_NAME)
+            registry.loaded.set()  # from now on an unknown name is 404, not 503
             if settings.warmup:  # compile the default method's batch buckets ahead of requests
                 for entry in registry.entries():
                     warmup(entry, settings.max_batch_size, stop=background.stopping)

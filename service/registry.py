@@ -46,6 +46,7 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._names: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.loaded = threading.Event()  # set once the stored dictionaries are loaded
         self.ready = threading.Event()  # set when start-up loading (and warm-up) is done
 
     def load_stored(self) -> int:
@@ -68,7 +69,7 @@ class Registry:
             entry = self._entries.get(self._names.get(ref, ref))
         if entry is not None:
             return entry
-        if not self.ready.is_set():
+        if not self.loaded.is_set():  # it may be among those not loaded yet
             raise NotReady("dictionaries are still loading; retry shortly")
         raise NotFound(
             f"no dictionary with id or name {ref!r}; list them with GET /v1/dictionaries"

@@ -195,3 +195,33 @@ def test_an_app_started_again_loads_and_warms_again(tmp_path):
             response = client.post("/v1/dictionaries/demo/unfold", json={"activations": [1.0] * 16})
             assert response.status_code == 200, response.text
         assert app.state.background.stopping.is_set()
+
+
+def test_unknown_names_are_404_once_loaded_even_while_warm_up_runs(tmp_path, monkeypatch):
+    """Readiness waits for compilation; whether a dictionary exists does not."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    import service.app
+    from service.app import create_app
+    from service.settings import Settings
+
+    release = threading.Event()
+    monkeypatch.setattr(service.app, "warmup", lambda *args, **kwargs: release.wait(30))
+    app = create_app(Settings(data_dir=tmp_path, compilation_cache=False))
+    try:
+        with TestClient(app) as client:
+            assert app.state.registry.loaded.wait(30)
+            assert client.get("/readyz").status_code == 503  # still warming up
+            missing = client.get("/v1/dictionaries/nope")
+            assert missing.status_code == 404, missing.text
+            assert missing.json()["error"]["code"] == "not_found"
+            unfold = client.post("/v1/dictionaries/nope/unfold", json={"activations": [0.0]})
+            assert unfold.status_code == 404
+            assert client.get("/v1/dictionaries/demo").status_code == 200
+            release.set()
+            app.state.loader.join(timeout=30)
+            assert client.get("/readyz").status_code == 200
+    finally:
+        release.set()
