@@ -52,6 +52,7 @@ __all__ = [
     "UnfoldClientError",
     "UnfoldConnectionError",
     "UnfoldResult",
+    "UnfoldTimeoutError",
 ]
 
 
@@ -64,6 +65,10 @@ class UnfoldClientError(Exception):
 
 class UnfoldConnectionError(UnfoldClientError):
     """The server could not be reached (down, wrong URL, network failure)."""
+
+
+class UnfoldTimeoutError(UnfoldClientError):
+    """The server was reached but did not answer within the client's `timeout`."""
 
 
 class UnfoldAPIError(UnfoldClientError):
@@ -326,6 +331,18 @@ class _Operations:
     def _request(self, method: str, path: str, **kwargs) -> httpx.Request:
         return self._http.build_request(method, path, **kwargs)
 
+    def transport_error(self, error: httpx.TransportError) -> UnfoldClientError:
+        """The client's error for a failed exchange: a timeout once connected is a timeout,
+        anything else (refused, unresolvable, connect timeout) a connection error."""
+        if isinstance(error, httpx.TimeoutException) and not isinstance(
+            error, httpx.ConnectTimeout
+        ):
+            return UnfoldTimeoutError(
+                f"no answer from {self.base_url} within the client's timeout ({self.timeout} s): "
+                "raise timeout=, or send fewer rows per request (chunk_rows)"
+            )
+        return UnfoldConnectionError(f"cannot reach {self.base_url}: {error}")
+
     def retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying `response` (attempt 0, 1, ...), or None."""
         if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
@@ -560,7 +577,7 @@ class UnfoldClient(_Client):
             try:
                 response = self._http.send(request)
             except httpx.TransportError as error:
-                raise UnfoldConnectionError(f"cannot reach {self.base_url}: {error}") from error
+                raise self.transport_error(error) from error
             delay = self.retry_delay(response, attempt)
             if delay is None:
                 return self.checked(response)
@@ -602,7 +619,7 @@ class AsyncUnfoldClient(_Client):
             try:
                 response = await self._http.send(request)
             except httpx.TransportError as error:
-                raise UnfoldConnectionError(f"cannot reach {self.base_url}: {error}") from error
+                raise self.transport_error(error) from error
             delay = self.retry_delay(response, attempt)
             if delay is None:
                 return self.checked(response)

@@ -20,6 +20,7 @@ from service.client import (
     UnfoldClient,
     UnfoldConnectionError,
     UnfoldResult,
+    UnfoldTimeoutError,
 )
 from tests.service.helpers import free_port
 from tests.service.test_oip import lean_server, toy_problem
@@ -243,3 +244,32 @@ def test_async_retries():
             return await client.list()
 
     assert asyncio.run(main()) == [] and delays == [1.0] and len(seen) == 2
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected", "match"),
+    [
+        (httpx.ReadTimeout("slow"), UnfoldTimeoutError, "within the client's timeout"),
+        (httpx.WriteTimeout("slow"), UnfoldTimeoutError, "chunk_rows"),
+        (httpx.ConnectTimeout("no route"), UnfoldConnectionError, "cannot reach"),
+        (httpx.ConnectError("refused"), UnfoldConnectionError, "cannot reach"),
+    ],
+)
+def test_a_timeout_is_reported_as_a_timeout_not_as_an_unreachable_server(failure, expected, match):
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise failure
+
+    transport = httpx.MockTransport(handler)
+    with (
+        UnfoldClient("http://unfold.test", transport=transport, timeout=7.0) as client,
+        pytest.raises(expected, match=match) as raised,
+    ):
+        client.list()
+    assert ("7.0 s" in str(raised.value)) == (expected is UnfoldTimeoutError)
+
+    async def main():
+        async with AsyncUnfoldClient("http://unfold.test", transport=transport) as client:
+            await client.list()
+
+    with pytest.raises(expected, match=match):
+        asyncio.run(main())
