@@ -102,11 +102,11 @@ def unfold(
 
 
 def _plan_of(settings, dictionary: Dictionary, **overrides) -> Plan:
-    """`plan_for`, remembered for what it depends on (the settings, the dictionary's shape,
-    dtype, path, scan and device): a server asks for the same plan batch after batch, and an
+    """`plan_for`, remembered for what it depends on (the settings' static fields, the
+    dictionary's shape, dtype, path, scan and device): a server asks for the same plan batch after batch, and an
     accelerator's plan stays the same as its free memory moves (so no new program compiles)."""
     key = (
-        settings,
+        jax.tree_util.tree_structure(settings),  # its class and static fields, not alpha or tol
         dictionary.atoms.shape,
         dictionary.dtype,
         dictionary.path,
