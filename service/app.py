@@ -14,12 +14,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from . import __version__
 from .auth import PUBLIC_PATHS, APIKeyMiddleware
 from .background import BackgroundWork
-from .batching import Batcher, enable_compilation_cache, settle_heap, warmup
+from .batching import Batcher, enable_compilation_cache, settle_heap, warmup, warmup_used
 from .demo import DEMO_NAME, demo_dictionary
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
 from .logs import configure_logging
+from .memory import MemoryBudget
 from .metrics import Metrics, MetricsMiddleware
+from .programs import Programs
 from .registry import Registry
 from .routes import dictionaries, health, info, metrics, oip
 from .routes._direct import DirectRoute, DirectRoutes
@@ -33,11 +35,13 @@ SHUTDOWN_WAIT_SECONDS = 120.0
 
 
 def start_loading(
-    registry: Registry, settings: Settings, background: BackgroundWork
+    registry: Registry, settings: Settings, background: BackgroundWork, programs: Programs
 ) -> threading.Thread:
     """In the background: load and verify the stored dictionaries, seed the demo on an empty
-    store (then `registry.loaded`: unknown names are 404), compile the default programs; then
-    the registry, hence `/readyz`, is ready."""
+    store (then `registry.loaded`: unknown names are 404), load the record of settings used,
+    compile the default programs; then the registry, hence `/readyz`, is ready. Then compile
+    the programs of the settings used most (requests that need one meanwhile share its
+    compilation: `Programs.ensure`)."""
 
     def load():
         try:
@@ -51,11 +55,25 @@ def start_loading(
                 )
                 log.info("registered the demo dictionary %r", DEMO_NAME)
             registry.loaded.set()  # from now on an unknown name is 404, not 503
+            programs.usage.load(registry.entries())
             if settings.warmup:  # compile the default method's batch buckets ahead of requests
                 for entry in registry.entries():
-                    warmup(entry, settings.max_batch_size, stop=background.stopping)
+                    warmup(
+                        entry, settings.max_batch_size, stop=background.stopping, programs=programs
+                    )
             settle_heap()
             registry.ready.set()
+            if settings.warmup and settings.warmup_used_settings:
+                for entry in registry.entries():
+                    warmup_used(
+                        entry,
+                        programs,
+                        settings.max_batch_size,
+                        limit=settings.warmup_used_settings,
+                        max_age_s=settings.warmup_used_days * 86400,
+                        stop=background.stopping,
+                    )
+                settle_heap()
         except Exception:
             log.exception("loading dictionaries failed")
             raise
@@ -79,7 +97,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
         if app.state.background.stopping.is_set():  # likewise
             app.state.background = BackgroundWork()
-        app.state.loader = start_loading(app.state.registry, settings, app.state.background)
+        programs = app.state.batcher.programs
+        app.state.loader = start_loading(
+            app.state.registry, settings, app.state.background, programs
+        )
+        app.state.background.start(  # saves the settings used now and then, and at shutdown
+            "unfold-usage", programs.usage.keep_saved, app.state.background.stopping
+        )
         yield
         await app.state.batcher.close()
         # At most one compilation to wait for (warm-up checks `stopping` between them).
@@ -94,9 +118,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.registry = Registry(
-        DictionaryStore(settings.data_dir), gram_budget_bytes=settings.gram_budget_bytes
+        DictionaryStore(settings.data_dir),
+        gram_budget_bytes=settings.gram_budget_bytes,
+        budget=MemoryBudget.from_settings(settings.memory_budget_bytes),
     )
     app.state.metrics = Metrics()
+    app.state.metrics.watch_memory(app.state.registry.budget)
     app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
     app.state.background = BackgroundWork()
     install_error_handlers(app)
@@ -116,7 +143,11 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
         routes=[r for router in ROUTERS for r in router.routes if isinstance(r, DirectRoute)],
         exception_handlers=app.exception_handlers,
     )
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        max_dictionary_bytes=settings.max_dictionary_bytes,
+    )
     if settings.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

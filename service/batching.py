@@ -16,9 +16,12 @@ Guarantees:
   `max_queue_rows`, `submit` raises `Overloaded` (429 with Retry-After) at once. A request is
   always admitted when nothing is outstanding for its key, so every request within the row
   limit can run.
-- A request waits at most `timeout_s` for its answer (`Timeout`, 504). A request that times
-  out while still queued is dropped from the queue; a solve already running cannot be
-  interrupted and finishes in its thread (its rows still count towards the queue limit).
+- A request waits at most `timeout_s` for its answer (`Timeout`, 504), not counting the time
+  spent compiling programs meanwhile (`programs.clock`: a request whose batch needs a new
+  program waits for it to compile, `Programs.ensure`, then gets its full time to solve). A
+  request that times out while still queued is dropped from the queue; a solve already
+  running cannot be interrupted and finishes in its thread (its rows still count towards the
+  queue limit).
 - With `enabled=False` every request is solved on its own, still on a worker thread, with the
   same limits.
 
@@ -35,7 +38,7 @@ How the unfold route uses it (validate first, then submit; the closure solves an
         result = await batcher.submit(
             (entry.record.id, settings),
             activations,
-            lambda rows: unfolding.run(entry, rows, settings),
+            lambda rows: unfolding.run(entry, rows, settings, batcher.programs),
         )
         # `result` is an UnfoldResult for exactly this request's rows.
 
@@ -64,6 +67,7 @@ import numpy as np
 import solvers
 
 from .errors import Overloaded, Timeout
+from .programs import USAGE_FILE, CompileClock, Programs, Usage
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +137,8 @@ class Batcher:
         metrics: a `service.metrics.Metrics` to record batch sizes, solver time and queue depth.
         settle_limit_s: longest a batch waits, after `max_wait_ms`, for requests that keep
             arriving (see `_fill`).
+        programs: the `Programs` solves compile through; its clock's time is left out of
+            deadlines (default: a new one, with `metrics`).
     """
 
     def __init__(
@@ -147,6 +153,7 @@ class Batcher:
         threads: int = 2,
         metrics=None,
         settle_limit_s: float = SETTLE_LIMIT_S,
+        programs: Programs | None = None,
     ):
         self.enabled = enabled
         self.max_batch_size = max_batch_size
@@ -156,6 +163,7 @@ class Batcher:
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.metrics = metrics
+        self.programs = programs if programs is not None else Programs(metrics)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="unfold-solver"
         )
@@ -174,6 +182,7 @@ class Batcher:
             retry_after_s=settings.retry_after_s,
             threads=settings.solver_threads,
             metrics=metrics,
+            programs=Programs(metrics, Usage(settings.data_dir / USAGE_FILE)),
         )
 
     @property
@@ -205,7 +214,7 @@ class Batcher:
 
         Raises:
             Overloaded: too many rows are outstanding for `key` (429, Retry-After).
-            Timeout: no result within `timeout_s` (504).
+            Timeout: no result within `timeout_s`, besides time spent compiling (504).
             Whatever `solve` raises for these rows alone.
         """
         if self._closed:
@@ -237,16 +246,24 @@ class Batcher:
             if queue.worker is None:
                 queue.worker = asyncio.create_task(self._work(key, queue))
         try:
-            async with asyncio.timeout(self.timeout_s):
-                # Unbatched, the thread's future is shielded: it releases the rows when the
-                # thread is done, even if this caller stopped waiting. Batched, the future is
-                # this request's own: cancelling it is what `_abandon` expects.
-                return await (future if request is not None else asyncio.shield(future))
+            async with asyncio.timeout(None) as scope:
+                deadline = _Deadline(scope, self.timeout_s, self.programs.clock)
+                try:
+                    # Unbatched, the thread's future is shielded: it releases the rows when the
+                    # thread is done, even if this caller stopped waiting. Batched, the future
+                    # is this request's own: cancelling it is what `_abandon` expects.
+                    return await (future if request is not None else asyncio.shield(future))
+                finally:
+                    deadline.cancel()
         except TimeoutError:
+            if not scope.expired():  # the solve's own error
+                raise
             self._abandon(key, queue, request, future)
+            spent = deadline.compiling()
             raise Timeout(
-                f"the solve did not finish within {self.timeout_s:g} s; send fewer rows per "
-                "request, or retry later"
+                f"the solve did not finish within {self.timeout_s:g} s"
+                + (f" (besides {spent:.1f} s spent compiling)" if spent >= 0.1 else "")
+                + "; send fewer rows per request, or retry later"
             ) from None
         except asyncio.CancelledError:
             self._abandon(key, queue, request, future)
@@ -414,6 +431,35 @@ class Batcher:
                 self.metrics.solver_seconds.observe(time.perf_counter() - started)
 
 
+class _Deadline:
+    """Expires an `asyncio.timeout` `scope` `timeout_s` seconds from now, not counting the
+    time `clock` (a `CompileClock`) advances meanwhile: when due it looks at the clock, and
+    while compiling has pushed the deadline back, waits again."""
+
+    __slots__ = ("_clock", "_due", "_handle", "_loop", "_scope", "_start")
+
+    def __init__(self, scope: asyncio.Timeout, timeout_s: float, clock: CompileClock):
+        self._scope, self._clock = scope, clock
+        self._loop = asyncio.get_running_loop()
+        self._due = self._loop.time() + timeout_s
+        self._start = clock.now()
+        self._handle = self._loop.call_at(self._due, self._check)
+
+    def compiling(self) -> float:
+        """Seconds spent compiling since the deadline was set."""
+        return self._clock.now() - self._start
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+    def _check(self) -> None:
+        due = self._due + self.compiling()
+        if due <= self._loop.time():
+            self._scope.reschedule(self._loop.time())  # expires on the next turn
+        else:
+            self._handle = self._loop.call_at(due, self._check)
+
+
 def _leading(pending: collections.deque, limit: int) -> tuple[int, int]:
     """(count, rows) of the first requests of `pending` totalling at most `limit` rows (at
     least one request)."""
@@ -458,32 +504,71 @@ def bucket_sizes(max_batch_size: int, block_rows: int = solvers.DEFAULT_BLOCK_RO
     """Batch sizes to compile ahead for batches of up to `max_batch_size` rows: the powers of
     two up to the first one >= min(max_batch_size, block_rows).
 
-    `solvers.unfold` cuts a batch into calls of at most `block_rows` rows (`split_rows`: a few
+    `solvers.unfold` cuts a batch into calls of at most `block_rows` rows (`Plan.calls`: a few
     of about equal size for a small batch) and pads each to a power of two (see `padded_rows`
-    in `solvers._api`), so every program a batch of at most `max_batch_size` rows runs is one
+    in `solvers._plan`), so every program a batch of at most `max_batch_size` rows runs is one
     that the next power of two of rows runs too: these sizes reach them all.
     """
     top = min(max_batch_size, block_rows)
     return [1 << i for i in range((top - 1).bit_length() + 1)]
 
 
-def warmup(entry, max_batch_size: int, *, k: int = 8, stop: threading.Event | None = None) -> int:
+def warmup(
+    entry,
+    max_batch_size: int,
+    *,
+    k: int = 8,
+    stop: threading.Event | None = None,
+    programs: Programs | None = None,
+) -> int:
     """Compile the default method's programs (OMP, `k` atoms) for every batch bucket up to
-    `max_batch_size`, for one registry `Entry`, unless `stop` is set first (then the entry is
-    not marked warm). Returns the number of sizes compiled."""
+    `max_batch_size`, for one registry `Entry`, through `programs` (the app's, which requests
+    share; default: a record of its own), unless `stop` is set first (then the entry is not
+    marked warm). Returns the number of sizes warmed."""
+    programs = programs if programs is not None else Programs()
     record = entry.record
+    settings = solvers.make_settings("omp", entry.prepared, k=min(k, record.n_features))
     sizes = bucket_sizes(max_batch_size)
     started = time.perf_counter()
-    for done, size in enumerate(sizes):
-        if stop is not None and stop.is_set():
-            log.info("warm-up of %s stopped after %d of %d sizes", record.name, done, len(sizes))
-            return done
-        zeros = np.zeros((size, record.d_model), np.float32)
-        solvers.unfold(zeros, entry.prepared, method="omp", k=min(k, record.n_features))
+    done = programs.warm(entry, settings, sizes, stop=stop)
+    if done < len(sizes):
+        log.info("warm-up of %s stopped after %d of %d sizes", record.name, done, len(sizes))
+        return done
     log.info("warmed %s for %s rows in %.1f s", record.name, sizes, time.perf_counter() - started)
     settle_heap()
     entry.warm.set()
-    return len(sizes)
+    return done
+
+
+def warmup_used(
+    entry,
+    programs: Programs,
+    max_batch_size: int,
+    *,
+    limit: int,
+    max_age_s: float,
+    stop: threading.Event | None = None,
+) -> int:
+    """Compile the programs of the settings used most with one registry `Entry` within the
+    last `max_age_s` seconds, at most `limit` of them (`Usage.top`; the defaults may be among
+    them), for every batch bucket up to `max_batch_size`, or up to the most rows one request
+    sent (such a request runs alone), unless `stop` is set. Returns the settings warmed."""
+    used = programs.usage.top(entry.record.id, limit, max_age_s)
+    started = time.perf_counter()
+    for done, (settings, rows) in enumerate(used):
+        sizes = bucket_sizes(max(max_batch_size, rows))
+        if programs.warm(entry, settings, sizes, stop=stop) < len(sizes):
+            log.info("warm-up of %s's used settings stopped after %d", entry.record.name, done)
+            return done
+    if used:
+        log.info(
+            "warmed %s for its %d most used settings (%s) in %.1f s",
+            entry.record.name,
+            len(used),
+            ", ".join(repr(settings) for settings, _ in used),
+            time.perf_counter() - started,
+        )
+    return len(used)
 
 
 def settle_heap() -> None:

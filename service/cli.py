@@ -26,6 +26,7 @@ import numpy as np
 from . import __version__
 
 METHODS = ("omp", "ista", "fista", "lasso")
+DEFAULT_BATCH_SIZE = 1024  # rows per solve (and progress step) of `unfold run`
 
 
 class CLIError(Exception):
@@ -73,16 +74,22 @@ def serve(args: argparse.Namespace) -> int:
 
 
 class Remote:
-    """Dictionaries on a server, through `service.client.UnfoldClient`."""
+    """Dictionaries on a server, through `service.client.UnfoldClient` (`batch_size`: rows per
+    unfold request; None: the client sizes them)."""
 
-    def __init__(self, url: str, api_key: str | None, batch_size: int = 4096):
+    def __init__(self, url: str, api_key: str | None, batch_size: int | None = None):
         from .client import UnfoldClient
 
         self.client = UnfoldClient(url, api_key, chunk_rows=batch_size)
         self.where = url
 
-    def add(self, name: str, path: Path, tensor: str | None, bias_tensor: str | None) -> dict:
-        return self.client.register_file(name, path, tensor=tensor, bias_tensor=bias_tensor)
+    def add(
+        self, name: str, path: Path, tensor: str | None, bias_tensor: str | None, progress=None
+    ) -> dict:
+        """Upload only what the server keeps, streamed; `progress(sent, total)` in bytes."""
+        return self.client.register_file(
+            name, path, tensor=tensor, bias_tensor=bias_tensor, progress=progress
+        )
 
     def list(self) -> list[dict]:
         return self.client.list()
@@ -124,7 +131,10 @@ class Local:
             self._store = DictionaryStore(self.data_dir)
         return self._store
 
-    def add(self, name: str, path: Path, tensor: str | None, bias_tensor: str | None) -> dict:
+    def add(
+        self, name: str, path: Path, tensor: str | None, bias_tensor: str | None, progress=None
+    ) -> dict:
+        """Read and store the dictionary (nothing is uploaded: `progress` is not called)."""
         from .registry import Registry
 
         directions, bias, metadata = read_dictionary_file(path, tensor, bias_tensor)
@@ -197,29 +207,28 @@ def describe_record(record) -> dict:
 
 
 def read_dictionary_file(path: Path, tensor: str | None, bias_tensor: str | None):
-    """(directions, bias, metadata) from a .npy, a .safetensors or a SAELens folder."""
-    from .formats import pick_dictionary_tensors, read_npy, read_sae_config, read_safetensors
+    """(directions, bias, metadata) from a .npy, a .safetensors or a SAELens folder: arrays
+    memory-mapped in the file's dtype (the store converts them to float32)."""
+    from .formats import SafetensorsFile, converted, dictionary_arrays, map_file, open_npy
 
-    path = Path(path)
+    path, config = Path(path), None
     if path.is_dir():
         weights, config = path / "sae_weights.safetensors", path / "cfg.json"
         if not weights.is_file():
             raise CLIError(f"{path} is not a SAELens folder: no sae_weights.safetensors in it")
-        tensors = read_safetensors(weights.read_bytes(), str(weights))
-        directions, bias = pick_dictionary_tensors(tensors, tensor, bias_tensor)
-        metadata = read_sae_config(config.read_bytes(), directions) if config.is_file() else {}
-        return directions, bias, metadata
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return read_npy(path.read_bytes(), str(path)), None, {}
-    if suffix == ".safetensors":
-        tensors = read_safetensors(path.read_bytes(), str(path))
-        directions, bias = pick_dictionary_tensors(tensors, tensor, bias_tensor)
-        return directions, bias, {}
-    raise CLIError(f"{path}: give a .npy or .safetensors file, or a SAELens folder")
+        path, config = weights, config.read_bytes() if config.is_file() else None
+    elif path.suffix.lower() == ".npy":
+        arrays = converted(open_npy(path, str(path)), None, {})
+        return arrays["directions"], None, arrays["metadata"]
+    elif path.suffix.lower() != ".safetensors":
+        raise CLIError(f"{path}: give a .npy or .safetensors file, or a SAELens folder")
+    arrays = dictionary_arrays(
+        SafetensorsFile(map_file(path), str(path)), tensor, bias_tensor, config
+    )
+    return arrays["directions"], arrays["bias"], arrays["metadata"]
 
 
-def backend(args: argparse.Namespace, batch_size: int = 4096):
+def backend(args: argparse.Namespace, batch_size: int | None = None):
     if args.url:
         return Remote(args.url, args.api_key, batch_size)
     return Local(args.data_dir)
@@ -228,9 +237,46 @@ def backend(args: argparse.Namespace, batch_size: int = 4096):
 # dict add | list | show | rm
 
 
+UPLOAD_BAR_BYTES = 64 * 1024 * 1024
+
+
+class UploadBar:
+    """A `progress(sent, total)` callback drawing a tqdm bar of the bytes uploaded on stderr,
+    only when stderr is a terminal or the upload is at least `UPLOAD_BAR_BYTES` (so that a log
+    shows a long upload is moving; there it redraws at most every 5 s); never when `quiet`."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar = quiet, None
+
+    def __call__(self, sent: int, total: int) -> None:
+        if self.bar is None:
+            terminal = sys.stderr.isatty()
+            if self.quiet or not (terminal or total >= UPLOAD_BAR_BYTES):
+                return
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="upload",
+                file=sys.stderr,
+                mininterval=0.1 if terminal else 5.0,
+            )
+        self.bar.update(sent - self.bar.n)  # back to 0 when a retry sends the body again
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def dict_add(args: argparse.Namespace) -> int:
-    with contextlib.closing(backend(args)) as where:
-        info = where.add(args.name, Path(args.path), args.tensor, args.bias_tensor)
+    with (
+        contextlib.closing(backend(args)) as where,
+        contextlib.closing(UploadBar(args.quiet)) as bar,
+    ):
+        info = where.add(args.name, Path(args.path), args.tensor, args.bias_tensor, bar)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -295,27 +341,24 @@ def read_activations(path: Path, tensor: str | None) -> np.ndarray:
         except ValueError as error:
             raise CLIError(f"{path}: not a numeric .npy file ({error})") from None
     elif suffix == ".safetensors":
-        from safetensors import safe_open
+        from .errors import InvalidInput
+        from .formats import SafetensorsFile, map_file
 
         try:
-            with safe_open(str(path), framework="np") as file:
-                names = list(file.keys())
-                if tensor is None:
-                    if len(names) != 1:
-                        raise CLIError(
-                            f"{path} holds tensors {names}; choose one with --input-tensor"
-                        )
-                    tensor = names[0]
-                if tensor not in names:
-                    raise CLIError(f"{path} has no tensor {tensor!r}; it holds {names}")
-                array = file.get_tensor(tensor)
-        except CLIError:
-            raise
-        except Exception as error:  # truncated file, bfloat16 (numpy has no such dtype), ...
-            raise CLIError(f"{path}: cannot read safetensors ({error})") from None
+            file = SafetensorsFile(map_file(path), str(path))
+            names = list(file.tensors)
+            if tensor is None:
+                if len(names) != 1:
+                    raise CLIError(f"{path} holds tensors {names}; choose one with --input-tensor")
+                tensor = names[0]
+            if tensor not in names:
+                raise CLIError(f"{path} has no tensor {tensor!r}; it holds {names}")
+            array = file.array(tensor)  # memory-mapped; bfloat16 and float16 included
+        except InvalidInput as error:
+            raise CLIError(error.message) from None
     else:
         raise CLIError(f"{path}: activations must be a .npy or .safetensors file")
-    if array.ndim == 0 or not np.issubdtype(array.dtype, np.number):
+    if array.ndim == 0 or not np.can_cast(array.dtype, np.float64, "same_kind"):
         raise CLIError(f"{path}: activations must be a numeric array of shape (..., d_model)")
     return array
 
@@ -334,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .client import UnfoldResult
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise CLIError("--batch-size must be at least 1")
     activations = read_activations(Path(args.input), args.input_tensor)
     lead, d_model = activations.shape[:-1], activations.shape[-1]
@@ -353,8 +396,9 @@ def run(args: argparse.Namespace) -> int:
         with tqdm(
             total=rows.shape[0], unit="row", file=sys.stderr, disable=args.quiet, desc="unfold"
         ) as progress:
-            for start in range(0, rows.shape[0], args.batch_size):
-                batch = np.asarray(rows[start : start + args.batch_size], dtype=np.float32)
+            step = args.batch_size or DEFAULT_BATCH_SIZE
+            for start in range(0, rows.shape[0], step):
+                batch = np.asarray(rows[start : start + step], dtype=np.float32)
                 parts.append(as_client_result(solve(batch), info["n_features"]))
                 progress.update(batch.shape[0])
         elapsed = time.perf_counter() - started
@@ -461,13 +505,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="register a dictionary from a file",
         description="Register a dictionary: a .npy file of shape (n_features, d_model), a "
         ".safetensors file (W_dec/b_dec, its only 2-D tensor, or --tensor/--bias-tensor), or a "
-        "SAELens folder (cfg.json + sae_weights.safetensors).",
+        "SAELens folder (cfg.json + sae_weights.safetensors). With --url, only the directions "
+        "and the bias are uploaded (not W_enc), streamed from the file.",
     )
     add.add_argument("name", help="unique name: a letter, then letters, digits, '.', '_', '-'")
     add.add_argument("path", help=".npy, .safetensors, or a SAELens folder")
     add.add_argument("--tensor", help="safetensors: the tensor of directions")
     add.add_argument("--bias-tensor", help="safetensors: the tensor of the bias (d_model,)")
     add.add_argument("--json", action="store_true", help="print the description as JSON")
+    add.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no upload progress bar (shown on stderr when it is a terminal, or for uploads of "
+        "64 MiB or more)",
+    )
     add.set_defaults(handler=dict_add)
     lister = dict_commands.add_parser(
         "list", parents=[where], help="list dictionaries", description="List dictionaries."
@@ -514,7 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_argument("--max-iter", type=int, help="ista/fista/lasso: iterations per row")
     runner.add_argument("--positive", action="store_true", help="codes >= 0")
     runner.add_argument(
-        "--batch-size", type=int, default=1024, help="rows per solve or request (default 1024)"
+        "--batch-size",
+        type=int,
+        help=f"rows per solve (default {DEFAULT_BATCH_SIZE}) and, with --url, per request "
+        "(default: sized by the client from the dictionary, the method and the server's timeout)",
     )
     runner.add_argument("--quiet", action="store_true", help="no progress bar")
     runner.set_defaults(handler=run)

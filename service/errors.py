@@ -40,6 +40,20 @@ class InvalidInput(UnfoldError):
     code = "invalid_input"
 
 
+class TooLarge(UnfoldError):
+    """What the request asks for is larger than a limit of the server (body, memory, answer)."""
+
+    status_code = 413
+    code = "too_large"
+
+
+class InsufficientStorage(UnfoldError):
+    """The data directory's disk cannot hold what the request uploads."""
+
+    status_code = 507
+    code = "insufficient_storage"
+
+
 class NotReady(UnfoldError):
     status_code = 503
     code = "not_ready"

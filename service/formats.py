@@ -1,18 +1,26 @@
 """Array formats at the boundary: `.npy`, safetensors and SAELens SAE folders.
 
 Nothing here unpickles: `.npy` loads with ``allow_pickle=False`` and safetensors headers are
-size-checked before they are parsed.
+size-checked before they are parsed. Uploaded dictionaries are read from files through memory
+maps (`SafetensorsFile`, `open_npy`), so a large one is never held in memory as its upload and
+again as its arrays; safetensors are read here rather than by `safetensors.numpy`, which reads
+whole files into memory and has no bfloat16.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import math
+import mmap
+import os
 import struct
+from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
-from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from .errors import InvalidInput
@@ -53,87 +61,259 @@ def read_npy(body: bytes, what: str) -> np.ndarray:
     return array
 
 
+def open_npy(path: Path, what: str) -> np.ndarray:
+    """A numeric array from a `.npy` file, memory-mapped; object (pickled) arrays are refused."""
+    with open(path, "rb") as file:
+        if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise InvalidInput(
+                f"{what}: not a .npy file (it must start with the .npy magic string); "
+                "write it with numpy.save",
+                code="invalid_npy",
+            )
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as error:  # object arrays cannot be mapped; truncated or garbage bytes
+        reason = "object arrays (pickled data) are refused" if "object" in str(error) else error
+        raise InvalidInput(
+            f"{what}: not a valid .npy file ({reason})", code="invalid_npy"
+        ) from None
+    if not np.issubdtype(array.dtype, np.number):
+        raise InvalidInput(f"{what}: the .npy array must be numeric", code="invalid_npy")
+    return array
+
+
+def as_float32(array: np.ndarray, what: str) -> tuple[np.ndarray, str | None]:
+    """`array` in float32, and the dtype it was converted from (None if it was float32).
+
+    float16 and bfloat16 convert exactly; float64 and integers are rounded to float32.
+    """
+    if array.dtype == np.float32:
+        return array, None
+    if array.dtype.kind not in "fiu" and array.dtype != SAFETENSORS_FLOATS["BF16"]:
+        raise InvalidInput(f"{what} must be numeric, got {array.dtype}", code="invalid_dictionary")
+    return array.astype(np.float32), array.dtype.name
+
+
 def write_npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
 
 
-def read_safetensors(body: bytes, what: str) -> dict[str, np.ndarray]:
-    """Tensors of a safetensors file, after checking its header is complete and bounded."""
-    if len(body) < 8:
-        raise InvalidInput(f"{what}: too short for a safetensors file", code="invalid_safetensors")
-    (header_size,) = struct.unpack("<Q", body[:8])
-    if header_size > MAX_SAFETENSORS_HEADER or header_size > len(body) - 8:
-        raise InvalidInput(
-            f"{what}: safetensors header claims {header_size} bytes but the file holds "
-            f"{len(body) - 8} after the size field (truncated or corrupt)",
-            code="invalid_safetensors",
-        )
-    try:
-        header = json.loads(body[8 : 8 + header_size])
-        dtypes = {k: v.get("dtype") for k, v in header.items() if k != "__metadata__"}
-    except (ValueError, AttributeError) as error:
-        raise InvalidInput(
-            f"{what}: safetensors header is not valid JSON ({error})", code="invalid_safetensors"
-        ) from None
-    unsupported = {k: d for k, d in dtypes.items() if d == "BF16"}
-    if unsupported:
-        raise InvalidInput(
-            f"{what}: bfloat16 tensors {sorted(unsupported)} cannot be read without torch; "
-            "save them as float32",
-            code="invalid_safetensors",
-        )
-    try:
-        return load_safetensors(body)
-    except Exception as error:
-        raise InvalidInput(
-            f"{what}: not a valid safetensors file ({error})", code="invalid_safetensors"
-        ) from None
+SAFETENSORS_FLOATS = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+"""The safetensors dtypes a dictionary may be stored in; all but F64 convert exactly to float32."""
+SAFETENSORS_ITEMSIZE = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2,
+                        "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+"""Other dtypes, only to check their tensors' sizes (they are never read)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # offset in the buffer
+    nbytes: int
+
+
+class SafetensorsFile:
+    """The tensors of a safetensors file held in a buffer (bytes, or a read-only `mmap` of a
+    file: tensors are then views of the page cache, read only when touched).
+
+    The header is checked completely (size, JSON, dtype, shape and offsets of every tensor)
+    before anything is read, so a truncated or forged file is refused with a clear message.
+    """
+
+    def __init__(self, buffer, what: str):
+        self.buffer, self.what = buffer, what
+        size = len(buffer)
+        if size < 8:
+            raise self._invalid("too short for a safetensors file")
+        (header_size,) = struct.unpack("<Q", buffer[:8])
+        if header_size > MAX_SAFETENSORS_HEADER or header_size > size - 8:
+            raise self._invalid(
+                f"safetensors header claims {header_size} bytes but the file holds {size - 8} "
+                "after the size field (truncated or corrupt)"
+            )
+        try:
+            header = json.loads(bytes(buffer[8 : 8 + header_size]))
+            if not isinstance(header, dict):
+                raise ValueError("not an object")
+        except ValueError as error:
+            raise self._invalid(f"safetensors header is not valid JSON ({error})") from None
+        data_start, data_size = 8 + header_size, size - 8 - header_size
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.tensors: dict[str, TensorEntry] = {}
+        for name, spec in header.items():
+            self.tensors[name] = self._entry(name, spec, data_start, data_size)
+
+    def _entry(self, name: str, spec, data_start: int, data_size: int) -> TensorEntry:
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+            itemsize = (
+                SAFETENSORS_FLOATS[dtype].itemsize
+                if dtype in SAFETENSORS_FLOATS
+                else SAFETENSORS_ITEMSIZE[dtype]
+            )
+            if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise self._invalid(f"tensor {name!r} has a malformed header entry: {spec}") from None
+        if end - begin != math.prod(shape) * itemsize or not 0 <= begin <= end <= data_size:
+            raise self._invalid(
+                f"tensor {name!r} ({dtype} {list(shape)}) does not fit its data offsets "
+                f"[{begin}, {end}] in {data_size} bytes of data (truncated or corrupt)"
+            )
+        return TensorEntry(dtype, shape, data_start + begin, end - begin)
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor `name`, a read-only view of the buffer (floating-point tensors only)."""
+        entry = self.tensors[name]
+        dtype = SAFETENSORS_FLOATS.get(entry.dtype)
+        if dtype is None:
+            raise InvalidInput(
+                f"{self.what}: tensor {name!r} is {entry.dtype}; directions and bias must be "
+                f"floating-point ({', '.join(SAFETENSORS_FLOATS)})",
+                code="invalid_dictionary",
+            )
+        count = entry.nbytes // dtype.itemsize
+        flat = np.frombuffer(self.buffer, dtype.newbyteorder("<"), count, entry.start)
+        return flat.reshape(entry.shape)
+
+    def _invalid(self, message: str) -> InvalidInput:
+        return InvalidInput(f"{self.what}: {message}", code="invalid_safetensors")
+
+
+def map_file(file) -> mmap.mmap | bytes:
+    """A read-only memory map of a file (a path, or an open file); ``b""`` when it is empty.
+    Arrays viewing it keep it mapped; it is unmapped when the last one is gone."""
+    if isinstance(file, str | os.PathLike):
+        with open(file, "rb") as opened:
+            return map_file(opened)
+    if os.fstat(file.fileno()).st_size == 0:
+        return b""
+    return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def write_safetensors(tensors: dict[str, np.ndarray]) -> bytes:
     return save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
 
 
-def pick_dictionary_tensors(
-    tensors: dict[str, np.ndarray], tensor: str | None, bias_tensor: str | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The directions (and bias) in a safetensors file: named, SAELens's `W_dec`/`b_dec`, or
-    the only 2-D tensor."""
+def safetensors_header(tensors: dict[str, tuple[str, tuple[int, ...], int]]) -> bytes:
+    """The size field and header of a safetensors file holding `tensors` (name: dtype code,
+    shape, bytes), laid out one after the other in that order."""
+    header, offset = {}, 0
+    for name, (dtype, shape, nbytes) in tensors.items():
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 bytes
+    return struct.pack("<Q", len(text)) + text
+
+
+def dictionary_tensor_names(
+    shapes: dict[str, tuple[int, ...]], tensor: str | None, bias_tensor: str | None
+) -> tuple[str, str | None]:
+    """Which tensors of a file hold the directions and the bias: `tensor`, else SAELens's
+    `W_dec`, else the only 2-D tensor; `bias_tensor`, else `b_dec` beside `W_dec`. Raises
+    ValueError naming what to give."""
     if tensor is None:
-        matrices = [name for name, t in tensors.items() if t.ndim == 2]
-        if SAE_DECODER in tensors:
+        matrices = [name for name, shape in shapes.items() if len(shape) == 2]
+        if SAE_DECODER in shapes:
             tensor = SAE_DECODER
         elif len(matrices) == 1:
             tensor = matrices[0]
         else:
-            raise InvalidInput(
-                f"cannot tell which tensor holds the directions among {sorted(tensors)}; "
-                "name it with the `tensor` field",
-                code="invalid_dictionary",
+            raise ValueError(
+                f"cannot tell which tensor holds the directions among {sorted(shapes)}; "
+                "name it with the `tensor` field"
             )
-    if tensor not in tensors:
-        raise InvalidInput(
-            f"no tensor {tensor!r} in the file; it holds {sorted(tensors)}",
-            code="invalid_dictionary",
-        )
-    if bias_tensor is None and tensor == SAE_DECODER and SAE_DECODER_BIAS in tensors:
+    if tensor not in shapes:
+        raise ValueError(f"no tensor {tensor!r} in the file; it holds {sorted(shapes)}")
+    if bias_tensor is None and tensor == SAE_DECODER and SAE_DECODER_BIAS in shapes:
         bias_tensor = SAE_DECODER_BIAS
-    if bias_tensor is not None and bias_tensor not in tensors:
-        raise InvalidInput(
-            f"no bias tensor {bias_tensor!r} in the file; it holds {sorted(tensors)}",
-            code="invalid_dictionary",
-        )
-    return tensors[tensor], (tensors[bias_tensor] if bias_tensor else None)
+    if bias_tensor is not None and bias_tensor not in shapes:
+        raise ValueError(f"no bias tensor {bias_tensor!r} in the file; it holds {sorted(shapes)}")
+    return tensor, bias_tensor
 
 
-def read_sae_config(body: bytes, directions: np.ndarray) -> dict[str, Any]:
-    """Check a SAELens `cfg.json` against the decoder; return the metadata worth keeping.
+def pick_dictionary_tensors(
+    file: SafetensorsFile, tensor: str | None, bias_tensor: str | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The directions (and bias) in a safetensors file (`dictionary_tensor_names`)."""
+    shapes = {name: entry.shape for name, entry in file.tensors.items()}
+    try:
+        tensor, bias_tensor = dictionary_tensor_names(shapes, tensor, bias_tensor)
+    except ValueError as error:
+        raise InvalidInput(str(error), code="invalid_dictionary") from None
+    return file.array(tensor), (file.array(bias_tensor) if bias_tensor else None)
 
-    Decoding is ``acts @ W_dec + b_dec`` whatever `apply_b_dec_to_input` says (that flag is
-    about the encoder's input), so it is recorded, not refused. Activation normalization is
-    refused: the service would have to apply it to every request, and does not.
+
+def dictionary_arrays(
+    file: SafetensorsFile, tensor: str | None, bias_tensor: str | None, cfg: bytes | None
+) -> dict[str, Any]:
+    """`Registry.register`'s directions, bias and metadata from a safetensors file and, for a
+    SAELens SAE, its `cfg.json`."""
+    directions, bias = pick_dictionary_tensors(file, tensor, bias_tensor)
+    metadata = {}
+    if cfg is not None:
+        sae = read_sae_config(cfg, directions.shape)
+        metadata = sae.metadata
+        if bias is not None and not sae.decoder_adds_bias:
+            bias = None
+            metadata["b_dec"] = "not applied: this architecture's decoder leaves it out"
+    return converted(directions, bias, metadata)
+
+
+def converted(directions, bias, metadata: dict) -> dict[str, Any]:
+    """Registration arguments; arrays in another dtype than float32 are converted by the store
+    (a block at a time), and the metadata says from what."""
+    source = {np.dtype(a.dtype).name for a in (directions, bias) if a is not None} - {"float32"}
+    if source:
+        metadata = {**metadata, "converted_from": ", ".join(sorted(source))}
+    return {"directions": directions, "bias": bias, "metadata": metadata}
+
+
+SAE_WITH_INPUT_IN_DECODER = ("skip_transcoder", "jumprelu_skip_transcoder")
+"""SAELens architectures whose reconstruction also depends on the input (``W_skip @ x``)."""
+SAE_BIAS_ONLY_IF_APPLIED_TO_INPUT = ("matching_pursuit",)
+"""SAELens architectures whose `decode` adds `b_dec` only when `apply_b_dec_to_input`."""
+SAE_KEPT_FIELDS = (
+    "architecture", "d_in", "d_sae", "d_out", "dtype", "apply_b_dec_to_input", "k",
+    "rescale_acts_by_decoder_norm", "reshape_activations", "normalize_activations",
+    "tied_weights",
+)  # fmt: skip
+SAE_KEPT_METADATA = (
+    "model_name", "hook_name", "hook_name_out", "hook_head_index", "context_size",
+    "prepend_bos", "dataset_path", "sae_lens_version",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    """What a SAELens `cfg.json` means for the dictionary: metadata to keep, and whether its
+    decoder adds `b_dec`."""
+
+    metadata: dict[str, Any]
+    decoder_adds_bias: bool
+
+
+def read_sae_config(body: bytes, shape: tuple[int, int]) -> SAEConfig:
+    """Check a SAELens `cfg.json` against the decoder of `shape` (d_sae, d_out).
+
+    Every architecture reconstructs ``codes @ W_dec (+ b_dec)``, so W_dec is the dictionary
+    whatever the encoder (standard, topk, jumprelu, gated, batchtopk, matching pursuit,
+    transcoders, ...). `b_dec` is the bias except where the architecture's `decode` skips it.
+    Refused: activation normalization (every request would need it, and the service does not
+    apply it) and skip transcoders (their reconstruction also depends on the input).
     """
     try:
         cfg = json.loads(body)
@@ -141,12 +321,12 @@ def read_sae_config(body: bytes, directions: np.ndarray) -> dict[str, Any]:
             raise ValueError("not an object")
     except ValueError as error:
         raise InvalidInput(f"cfg.json is not a JSON object ({error})", code="invalid_sae") from None
-    n_features, d_model = directions.shape
-    expected = {"d_sae": n_features, "d_in": d_model}
+    n_features, d_model = shape
+    expected = {"d_sae": n_features, "d_out" if "d_out" in cfg else "d_in": d_model}
     for key, size in expected.items():
         if key in cfg and cfg[key] != size:
             raise InvalidInput(
-                f"cfg.json says {key}={cfg[key]} but W_dec has shape {list(directions.shape)}",
+                f"cfg.json says {key}={cfg[key]} but W_dec has shape {list(shape)}",
                 code="invalid_sae",
             )
     normalization = cfg.get("normalize_activations")
@@ -156,10 +336,24 @@ def read_sae_config(body: bytes, directions: np.ndarray) -> dict[str, Any]:
             "apply; normalize activations yourself and register with 'none'",
             code="unsupported_sae",
         )
+    architecture = cfg.get("architecture")
+    if architecture in SAE_WITH_INPUT_IN_DECODER:
+        raise InvalidInput(
+            f"a {architecture} reconstructs with W_skip @ x besides W_dec, so its decoder alone "
+            "does not explain activations; register W_dec without cfg.json to use its "
+            "directions anyway",
+            code="unsupported_sae",
+        )
+    adds_bias = bool(cfg.get("apply_b_dec_to_input", True)) or (
+        architecture not in SAE_BIAS_ONLY_IF_APPLIED_TO_INPUT
+        and not (architecture == "temporal" and cfg.get("tied_weights", True))
+    )
     metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
-    keep = ("architecture", "dtype", "apply_b_dec_to_input", "d_in", "d_sae")
-    return {
-        "source": "saelens",
-        **{key: cfg[key] for key in keep if key in cfg},
-        **{key: metadata[key] for key in ("model_name", "hook_name") if key in metadata},
-    }
+    return SAEConfig(
+        {
+            "source": "saelens",
+            **{key: cfg[key] for key in SAE_KEPT_FIELDS if key in cfg},
+            **{key: metadata[key] for key in SAE_KEPT_METADATA if key in metadata},
+        },
+        adds_bias,
+    )

@@ -1,6 +1,7 @@
-"""Request body size limit, as a pure ASGI middleware: unlike Starlette's own
+"""Request body size limits, as a pure ASGI middleware: unlike Starlette's own
 (`RequestBodyLimitMiddleware`, whose 413 says "Content Too Large"), it answers in the service's
-error format, with a message that says what to change.
+error format, with a message that says what to change. Dictionary uploads have their own limit
+(`UNFOLD_MAX_DICTIONARY_BYTES`), every other body `UNFOLD_MAX_BODY_BYTES`.
 
 A request whose `Content-Length` exceeds the limit is refused with 413 before its body is read.
 A body without a length (chunked) is counted while it streams in: once it passes the limit the
@@ -17,30 +18,46 @@ class BodyTooLarge(Exception):
     """Raised into the application's body reads once the streamed body passes the limit."""
 
 
-def too_large(path: str, limit: int) -> JSONResponse:
+REGISTRATION = ("POST", "/v1/dictionaries")
+BODY_ADVICE = (
+    "send fewer rows per request, or a binary format (application/x-npy) instead of JSON; "
+    "the limit is UNFOLD_MAX_BODY_BYTES"
+)
+UPLOAD_ADVICE = (
+    "send only the decoder (W_dec, b_dec: the client and `unfold dict add` do), or raise the "
+    "server's UNFOLD_MAX_DICTIONARY_BYTES"
+)
+
+
+def too_large(path: str, limit: int, advice: str) -> JSONResponse:
     return error_response(
         path,
         "body_too_large",
-        f"the request body exceeds the limit of {limit} bytes; send fewer rows per request, "
-        "or a binary format (application/x-npy) instead of JSON",
+        f"the request body exceeds the limit of {limit} bytes; {advice}",
         413,
         headers={"Connection": "close"},
     )
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies larger than `max_body_bytes` with 413 `body_too_large`."""
+    """Refuse request bodies larger than `max_body_bytes` (dictionary registrations:
+    `max_dictionary_bytes`) with 413 `body_too_large`."""
 
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, max_dictionary_bytes: int):
         self.app = app
-        self.limit = max_body_bytes
+        self.body_limit = max_body_bytes
+        self.upload_limit = max_dictionary_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if (scope["method"], scope["path"].rstrip("/")) == REGISTRATION:
+            limit, advice = self.upload_limit, UPLOAD_ADVICE
+        else:
+            limit, advice = self.body_limit, BODY_ADVICE
         length = _content_length(scope)
-        if length is not None and length > self.limit:
-            return await too_large(scope["path"], self.limit)(scope, receive, send)
+        if length is not None and length > limit:
+            return await too_large(scope["path"], limit, advice)(scope, receive, send)
 
         received = 0
         exceeded = False
@@ -53,7 +70,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     exceeded = True
                     raise BodyTooLarge
             return message
@@ -73,7 +90,7 @@ class BodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await too_large(scope["path"], self.limit)(scope, receive, send)
+            await too_large(scope["path"], limit, advice)(scope, receive, send)
 
 
 def _content_length(scope) -> int | None:

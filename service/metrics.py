@@ -8,8 +8,12 @@ Series (base units, `unfold_` prefix, `_total` on counters):
 - `unfold_request_duration_seconds{route}`: time to the end of the response body.
 - `unfold_batch_size`: rows per solver call (merged batches and lone requests alike).
 - `unfold_rows_total`: rows solved.
-- `unfold_solver_seconds`: time per solver call.
+- `unfold_solver_seconds`: time per solver call (including any compiling it waited for).
+- `unfold_compile_seconds{method,cause}`: time per program compiled (`service.programs`),
+  `cause` "request" (a request needed it) or "warm-up"; its `_count` counts compilations.
 - `unfold_queue_depth{dictionary}`: rows waiting or being solved per dictionary.
+- `unfold_memory_budget_bytes`, `unfold_memory_reserved_bytes{kind}`: the memory budget and
+  what dictionaries and requests in flight hold of it (`service.memory`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from prometheus_client import (
 UNMATCHED = "unmatched"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+COMPILE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
 
@@ -53,12 +58,34 @@ class Metrics:
         self.solver_seconds = Histogram(
             "unfold_solver_seconds", "Time per solver call.", buckets=LATENCY_BUCKETS, **kw
         )
+        self.compile_seconds = Histogram(
+            "unfold_compile_seconds",
+            "Time to compile a solver program (its first run), by method and cause.",
+            ["method", "cause"],
+            buckets=COMPILE_BUCKETS,
+            **kw,
+        )
         self.queue_depth = Gauge(
             "unfold_queue_depth",
             "Activation rows waiting or being solved, per dictionary.",
             ["dictionary"],
             **kw,
         )
+        self.memory_budget = Gauge(
+            "unfold_memory_budget_bytes", "The server's memory budget.", **kw
+        )
+        self.memory_reserved = Gauge(
+            "unfold_memory_reserved_bytes",
+            "Memory reserved against the budget, by dictionaries and by requests in flight.",
+            ["kind"],
+            **kw,
+        )
+
+    def watch_memory(self, budget) -> None:
+        """Report `budget` (a `service.memory.MemoryBudget`) when scraped."""
+        self.memory_budget.set_function(lambda: budget.total)
+        for kind in budget.used:
+            self.memory_reserved.labels(kind=kind).set_function(lambda kind=kind: budget.used[kind])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,12 +12,16 @@ import numpy as np
 
 import solvers
 
-from .errors import Conflict, InvalidInput, NotFound, NotReady
-from .store import STORE_DTYPE, DictionaryRecord, DictionaryStore, content_id
+from .errors import Conflict, InvalidInput, NotFound, NotReady, TooLarge
+from .memory import MemoryBudget
+from .store import STORE_DTYPE, DictionaryRecord, DictionaryStore
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
+GRAM_SHARE_OF_BUDGET = 0.5
+"""A Gram matrix is built when it takes at most this share of the memory budget left besides its
+dictionary (and UNFOLD_GRAM_BUDGET_BYTES, if set)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,23 +42,38 @@ class Entry:
 
 
 class Registry:
-    """Thread-safe map of id and name to `Entry`, backed by a `DictionaryStore`."""
+    """Thread-safe map of id and name to `Entry`, backed by a `DictionaryStore`, within a
+    `MemoryBudget` (each entry reserves its prepared arrays' bytes)."""
 
-    def __init__(self, store: DictionaryStore, *, gram_budget_bytes: int | None):
+    def __init__(
+        self,
+        store: DictionaryStore,
+        *,
+        gram_budget_bytes: int | None,
+        budget: MemoryBudget | None = None,
+    ):
         self.store = store
         self.gram_budget_bytes = gram_budget_bytes
+        self.budget = budget if budget is not None else MemoryBudget.from_settings(None)
         self._entries: dict[str, Entry] = {}
         self._names: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the maps; held briefly, so reads never wait long
+        self._changes = threading.Lock()  # registrations and deletions, one at a time
         self.loaded = threading.Event()  # set once the stored dictionaries are loaded
         self.ready = threading.Event()  # set when start-up loading (and warm-up) is done
 
     def load_stored(self) -> int:
-        """Load (verify and precompute) every stored dictionary. The caller sets `ready` once
-        everything start-up does is done."""
+        """Load (verify and precompute) every stored dictionary that fits the memory budget;
+        one that does not stays on disk, logged. The caller sets `ready` once everything
+        start-up does is done."""
         count = 0
         for record in self.store.load_all():
-            self._add(record)
+            try:
+                with self._changes:
+                    self._insert(self._admit(record))
+            except TooLarge as error:
+                log.error("not loading dictionary %s (%s): %s", record.name, record.id, error)
+                continue
             count += 1
         log.info("loaded %d dictionaries", count)
         return count
@@ -85,7 +104,12 @@ class Registry:
         metadata: dict | None = None,
     ) -> tuple[Entry, bool]:
         """Validate, store and load a dictionary. Returns (entry, created): registering the
-        same content under the same name again returns the existing entry, not an error."""
+        same content under the same name again returns the existing entry, not an error.
+
+        `directions` may be any float array, memory-mapped ones included: it is checked,
+        converted to float32 and written a block of rows at a time (`DictionaryStore.stage`),
+        and the entry's arrays are views of the stored file.
+        """
         if not NAME_PATTERN.match(name):
             raise InvalidInput(
                 f"name {name!r} must start with a letter and hold at most 128 letters, digits, "
@@ -93,65 +117,119 @@ class Registry:
                 code="invalid_name",
             )
         try:
-            directions, bias = solvers.check_dictionary(directions, bias, STORE_DTYPE)
-            has_bias = bias is not None and np.any(bias != 0)
+            solvers.validate_dictionary(directions, bias, STORE_DTYPE)
         except ValueError as error:
             raise InvalidInput(str(error), code="invalid_dictionary") from None
-        bias = bias if has_bias else None
-        if labels is not None and len(labels) != directions.shape[0]:
+        directions = np.asarray(directions)  # a memory map stays one
+        if bias is not None:
+            bias = np.asarray(bias)
+            bias = bias if np.any(bias != 0) else None
+        n_features = directions.shape[0]
+        if labels is not None and len(labels) != n_features:
             raise InvalidInput(
                 f"labels has {len(labels)} entries; it needs one per feature "
-                f"(n_features={directions.shape[0]})",
+                f"(n_features={n_features})",
                 code="invalid_labels",
             )
-        dictionary_id = content_id(directions, bias)
+        with self._changes:
+            staged = self.store.stage(directions, bias)
+            try:
+                existing = self._check_new(staged.id, name, labels)
+                if existing is not None:
+                    return existing, False
+                record = DictionaryRecord(
+                    id=staged.id,
+                    name=name,
+                    directions=staged.directions,
+                    bias=staged.bias,
+                    labels=labels,
+                    metadata=metadata or {},
+                    created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                )
+                entry = self._admit(record)
+                try:
+                    self.store.commit(staged, record)
+                except BaseException:
+                    self.budget.release("dictionaries", entry.prepared.nbytes)
+                    raise
+                self._insert(entry)
+                return entry, True
+            finally:
+                self.store.discard(staged)
+
+    def delete(self, ref: str) -> Entry:
+        with self._changes:
+            entry = self.get(ref)
+            self.store.delete(entry.record.id)
+            with self._lock:
+                self._entries.pop(entry.record.id, None)
+                self._names.pop(entry.record.name, None)
+            self.budget.release("dictionaries", entry.prepared.nbytes)
+        return entry
+
+    def _check_new(self, dictionary_id: str, name: str, labels) -> Entry | None:
+        """The existing entry if this exact registration was made before; None if it is new;
+        409 if its name or content is taken by another."""
         with self._lock:
             existing = self._entries.get(dictionary_id)
             named = self._names.get(name)
-            if existing is not None:
-                if existing.record.name == name and existing.record.labels == labels:
-                    return existing, False
-                raise Conflict(
-                    f"this content is already registered as {existing.record.name!r} "
-                    f"(id {dictionary_id}); use that, or delete it first",
-                    code="duplicate_content",
-                )
-            if named is not None:
-                raise Conflict(
-                    f"name {name!r} is taken by dictionary {named}; choose another name or "
-                    "delete that dictionary first",
-                    code="name_taken",
-                )
-            record = DictionaryRecord(
-                id=dictionary_id,
-                name=name,
-                directions=directions,
-                bias=bias,
-                labels=labels,
-                metadata=metadata or {},
-                created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        if existing is not None:
+            if existing.record.name == name and existing.record.labels == labels:
+                return existing
+            raise Conflict(
+                f"this content is already registered as {existing.record.name!r} "
+                f"(id {dictionary_id}); use that, or delete it first",
+                code="duplicate_content",
             )
-            self.store.save(record)
-            return self._add_locked(record), True
+        if named is not None:
+            raise Conflict(
+                f"name {name!r} is taken by dictionary {named}; choose another name or "
+                "delete that dictionary first",
+                code="name_taken",
+            )
+        return None
 
-    def delete(self, ref: str) -> Entry:
-        entry = self.get(ref)
-        with self._lock:
-            self.store.delete(entry.record.id)
-            self._entries.pop(entry.record.id, None)
-            self._names.pop(entry.record.name, None)
-        return entry
-
-    def _add(self, record: DictionaryRecord) -> Entry:
-        with self._lock:
-            return self._add_locked(record)
-
-    def _add_locked(self, record: DictionaryRecord) -> Entry:
-        choice = solvers.choose_path(
-            record.directions.shape[0], STORE_DTYPE, gram_budget_bytes=self.gram_budget_bytes
+    def _admit(self, record: DictionaryRecord) -> Entry:
+        """Prepare `record` within the memory budget: with its Gram matrix when that fits (the
+        configured Gram budget, and half of what the budget leaves besides the dictionary),
+        matrix-free otherwise; refused (413) when even that does not fit."""
+        n_features, d_model = record.directions.shape
+        free = self.budget.free
+        base = solvers.footprint(
+            n_features,
+            d_model,
+            STORE_DTYPE,
+            gram=False,
+            scan=solvers.default_scan(STORE_DTYPE, gram=False),
         )
-        prepared = solvers.prepare(record.directions, record.bias, gram=choice.gram)
-        entry = Entry(record, prepared, choice)
-        self._entries[record.id] = entry
-        self._names[record.name] = record.id
-        return entry
+        share = max(0, int((free - base) * GRAM_SHARE_OF_BUDGET))
+        if self.gram_budget_bytes is None:
+            cap, source = share, f"{GRAM_SHARE_OF_BUDGET:.0%} of the memory budget left"
+        else:
+            cap = min(self.gram_budget_bytes, share)
+            source = (
+                "UNFOLD_GRAM_BUDGET_BYTES"
+                if cap == self.gram_budget_bytes
+                else (f"{GRAM_SHARE_OF_BUDGET:.0%} of the memory budget left")
+            )
+        choice = solvers.choose_path(
+            n_features, STORE_DTYPE, gram_budget_bytes=cap, budget_source=source
+        )
+        scan = solvers.default_scan(STORE_DTYPE, gram=choice.gram)
+        nbytes = solvers.footprint(n_features, d_model, STORE_DTYPE, gram=choice.gram, scan=scan)
+        self.budget.reserve_dictionary(
+            nbytes, f"dictionary {record.name!r} ({n_features} x {d_model})"
+        )
+        try:
+            prepared = solvers.prepare(record.directions, record.bias, gram=choice.gram, scan=scan)
+        except BaseException:
+            self.budget.release("dictionaries", nbytes)
+            raise
+        if prepared.nbytes != nbytes:  # keep the books exact
+            self.budget.release("dictionaries", nbytes - prepared.nbytes)
+        return Entry(record, prepared, choice)
+
+    def _insert(self, entry: Entry) -> None:
+        with self._lock:
+            self._entries[entry.record.id] = entry
+            self._names[entry.record.name] = entry.record.id

@@ -23,9 +23,16 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "Largest Gram matrix precomputed per dictionary; larger ones run matrix-free. "
-            "Unset: half of the memory available on the device when the dictionary loads "
-            "(the host's available memory on a CPU)."
+            "Whether set or not, a Gram matrix takes at most half of the memory budget left "
+            "besides its dictionary (memory_budget_bytes)."
         ),
+    )
+    memory_budget_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Memory the server may hold in dictionaries (Gram matrices included) and "
+        "in answers being computed; what would pass it is refused. Unset: 80% of the memory "
+        "available on the device when the server starts (the host's available memory on a CPU).",
     )
     max_rows: int = Field(65536, ge=1, description="Most activation rows in one request.")
     log_level: str = Field("info", description="uvicorn log level.")
@@ -64,7 +71,22 @@ class Settings(BaseSettings):
         True, description="Use JAX's persistent compilation cache under <data_dir>/jax-cache."
     )
     max_body_bytes: int = Field(
-        64 * 1024 * 1024, ge=0, description="Largest request body; larger ones get a 413."
+        64 * 1024 * 1024,
+        ge=0,
+        description="Largest request body (but dictionary uploads); larger ones get a 413.",
+    )
+    max_dictionary_bytes: int = Field(
+        40 * 1024**3,
+        ge=0,
+        description="Largest dictionary upload (.npy, safetensors or multipart; streamed to "
+        "disk), enough for a 1M x 4096 float32 SAE with its encoder. JSON registrations stay "
+        "within max_body_bytes.",
+    )
+    max_dense_answer_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="Largest dense answer (rows x n_features float32, as .npy or JSON "
+        "output=dense); larger ones get a 413 pointing to sparse output.",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -83,6 +105,16 @@ class Settings(BaseSettings):
         description="FastAPI's native OpenTelemetry (traces, HTTP metrics, error logs) to the "
         "providers the process configures. Off by default: /metrics and the logs cover the "
         "service, and the per-request check costs about 50 us of CPU on the unfold hot path.",
+    )
+    warmup_used_settings: int = Field(
+        4,
+        ge=0,
+        description="Besides the defaults, start-up warms this many of the solver settings used "
+        "most with each dictionary (k, method; recorded in <data_dir>/warmup.json), after "
+        "/readyz turns ready. 0: only the defaults.",
+    )
+    warmup_used_days: float = Field(
+        7.0, gt=0, description="Settings count as used for warm-up if used within this many days."
     )
 
     @field_validator("api_keys", "cors_origins", mode="before")

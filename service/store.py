@@ -1,9 +1,12 @@
 """Content-addressed, crash-safe storage of dictionaries under the data directory.
 
 Layout: ``<data_dir>/dictionaries/<id>/{manifest.json, arrays.safetensors}``. A dictionary is
-written into a private temporary folder (files fsynced), then renamed into place in one step,
-so a crash mid-write never leaves a partial dictionary visible. The id is a hash of the arrays,
-checked again on every load.
+written into a private temporary folder (`stage`: files fsynced), then renamed into place in
+one step (`commit`), so a crash mid-write never leaves a partial dictionary visible. The id is a
+hash of the arrays, checked again on every load.
+
+Arrays are written and hashed a block of rows at a time and read back through memory maps, so
+a dictionary of any size costs a block of memory here, not its size.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -20,13 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+
+from .formats import SafetensorsFile, map_file, safetensors_header
 
 log = logging.getLogger(__name__)
 
 STORE_DTYPE = np.dtype("<f4")
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.safetensors"
+BLOCK_BYTES = 64 << 20
+"""Arrays are converted, hashed and written this many bytes of rows at a time."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,19 +70,41 @@ class DictionaryRecord:
         }
 
 
+def row_blocks(array: np.ndarray) -> Iterator[np.ndarray]:
+    """`array` in STORE_DTYPE, contiguous, `BLOCK_BYTES` of rows at a time."""
+    rows = max(1, BLOCK_BYTES // max(1, array[:1].size * STORE_DTYPE.itemsize))
+    for start in range(0, max(1, array.shape[0]), rows):
+        yield np.ascontiguousarray(array[start : start + rows], STORE_DTYPE)
+
+
 def content_id(directions: np.ndarray, bias: np.ndarray | None) -> str:
     """Hash of the arrays (shape, dtype and bytes): same content, same id."""
-    digest = hashlib.sha256()
-    digest.update(f"unfold-v1:{STORE_DTYPE.str}:{directions.shape}".encode())
-    digest.update(np.ascontiguousarray(directions, STORE_DTYPE).tobytes())
+    digest = _digest(directions.shape)
+    for block in row_blocks(directions):
+        digest.update(block.data)
     if bias is not None:
         digest.update(b":bias:")
-        digest.update(np.ascontiguousarray(bias, STORE_DTYPE).tobytes())
+        digest.update(np.ascontiguousarray(bias, STORE_DTYPE).data)
     return digest.hexdigest()[:24]
 
 
+def _digest(shape: tuple[int, ...]):
+    return hashlib.sha256(f"unfold-v1:{STORE_DTYPE.str}:{shape}".encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class Staged:
+    """Arrays written to a private folder of the staging area, not yet a stored dictionary;
+    `directions` and `bias` are read-only views of the written file."""
+
+    id: str
+    folder: Path
+    directions: np.ndarray
+    bias: np.ndarray | None
+
+
 class DictionaryStore:
-    """Dictionaries on disk. Not thread-safe by itself: the registry serializes writes."""
+    """Dictionaries on disk. Not thread-safe by itself: the registry serializes commits."""
 
     def __init__(self, data_dir: Path):
         self.root = Path(data_dir) / "dictionaries"
@@ -85,24 +114,66 @@ class DictionaryStore:
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True, exist_ok=True)
 
-    def save(self, record: DictionaryRecord) -> None:
-        final = self.root / record.id
-        if final.exists():
-            return
-        tmp = Path(tempfile.mkdtemp(dir=self.staging, prefix=record.id + "."))
+    def stage(self, directions: np.ndarray, bias: np.ndarray | None) -> Staged:
+        """Write `directions` (n_features, d_model) and `bias` (d_model,) as float32, a block
+        of rows at a time (any float input dtype; memory maps are read block by block), into a
+        new staging folder; the caller `commit`s or `discard`s it."""
+        folder = Path(tempfile.mkdtemp(dir=self.staging, prefix="stage."))
         try:
-            tensors = {"directions": np.ascontiguousarray(record.directions, STORE_DTYPE)}
-            if record.bias is not None:
-                tensors["bias"] = np.ascontiguousarray(record.bias, STORE_DTYPE)
-            save_file(tensors, str(tmp / ARRAYS))
-            (tmp / MANIFEST).write_bytes(json.dumps(record.manifest(), indent=1).encode())
-            for name in (ARRAYS, MANIFEST):
-                _fsync(tmp / name)
-            _fsync(tmp)
-            os.rename(tmp, final)
-            _fsync(self.root)
+            path = folder / ARRAYS
+            shapes = {"directions": directions.shape}
+            if bias is not None:
+                shapes["bias"] = bias.shape
+            layout = {
+                name: ("F32", shape, math.prod(shape) * STORE_DTYPE.itemsize)
+                for name, shape in shapes.items()
+            }
+            digest = _digest(directions.shape)
+            with open(path, "wb") as file:
+                file.write(safetensors_header(layout))
+                for block in row_blocks(directions):
+                    digest.update(block.data)
+                    file.write(block.data)
+                if bias is not None:
+                    bias_bytes = np.ascontiguousarray(bias, STORE_DTYPE).data
+                    digest.update(b":bias:")
+                    digest.update(bias_bytes)
+                    file.write(bias_bytes)
+            arrays = read_arrays(path)
+            return Staged(digest.hexdigest()[:24], folder, arrays["directions"], arrays.get("bias"))
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def commit(self, staged: Staged, record: DictionaryRecord) -> DictionaryRecord:
+        """Store `staged` as `record` (whose arrays are the staged ones): manifest written,
+        files fsynced, folder renamed into place. Returns the record."""
+        final = self.root / record.id
+        try:
+            if not final.exists():
+                (staged.folder / MANIFEST).write_bytes(
+                    json.dumps(record.manifest(), indent=1).encode()
+                )
+                for name in (ARRAYS, MANIFEST):
+                    _fsync(staged.folder / name)
+                _fsync(staged.folder)
+                os.rename(staged.folder, final)
+                _fsync(self.root)
+            return record
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.discard(staged)
+
+    def discard(self, staged: Staged) -> None:
+        shutil.rmtree(staged.folder, ignore_errors=True)
+
+    def save(self, record: DictionaryRecord) -> DictionaryRecord:
+        """Stage and commit `record`; the returned record's arrays are views of the files."""
+        staged = self.stage(record.directions, record.bias)
+        if staged.id != record.id:
+            self.discard(staged)
+            raise ValueError(f"record id {record.id} is not its content's id {staged.id}")
+        stored = dataclasses.replace(record, directions=staged.directions, bias=staged.bias)
+        return self.commit(staged, stored)
 
     def delete(self, dictionary_id: str) -> None:
         target = self.root / dictionary_id
@@ -124,8 +195,8 @@ class DictionaryStore:
 
     def load(self, folder: Path) -> DictionaryRecord:
         manifest = json.loads((folder / MANIFEST).read_bytes())
-        tensors = load_file(str(folder / ARRAYS))
-        directions, bias = tensors["directions"], tensors.get("bias")
+        arrays = read_arrays(folder / ARRAYS)
+        directions, bias = arrays["directions"], arrays.get("bias")
         actual = content_id(directions, bias)
         if actual != manifest["id"] or folder.name != actual:
             raise ValueError(f"content hash {actual} does not match id {manifest['id']}")
@@ -138,6 +209,12 @@ class DictionaryStore:
             metadata=manifest.get("metadata") or {},
             created_at=manifest.get("created_at", ""),
         )
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a stored arrays file, as read-only views of its memory map."""
+    tensors = SafetensorsFile(map_file(path), str(path))
+    return {name: tensors.array(name) for name in tensors.tensors}
 
 
 def _fsync(path: Path) -> None:

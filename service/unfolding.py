@@ -17,6 +17,7 @@ import solvers
 from .batching import Batcher
 from .errors import InvalidInput, describe_validation_errors
 from .formats import NPY, SAFETENSORS, read_npy, write_npy, write_safetensors
+from .programs import Programs
 from .registry import Entry
 from .responses import JSONResponse
 from .schemas import UnfoldParams, UnfoldRequest
@@ -88,6 +89,15 @@ async def parse_request(request: Request, d_model: int) -> tuple[np.ndarray, Any
     return activations_array(request_model.activations, d_model), request_model
 
 
+def check_rows(activations: np.ndarray, max_rows: int) -> None:
+    if activations.shape[0] > max_rows:
+        raise InvalidInput(
+            f"{activations.shape[0]} rows exceed the limit of {max_rows} per request; "
+            "split the batch",
+            code="too_many_rows",
+        )
+
+
 def activations_array(values, d_model: int) -> np.ndarray:
     """Activations as float32 (batch, d_model); a single (d_model,) vector is one row."""
     try:
@@ -125,9 +135,13 @@ def solver_params(params) -> tuple[str, dict]:
     return fields.pop("method"), fields
 
 
-def run(entry: Entry, activations: np.ndarray, settings) -> solvers.UnfoldResult:
-    """Solve with `settings` from `solver_settings`."""
-    return solvers.unfold(activations, entry.prepared, method=settings)
+def run(
+    entry: Entry, activations: np.ndarray, settings, programs: Programs
+) -> solvers.UnfoldResult:
+    """Solve with `settings` from `solver_settings`, once `programs` has compiled what these
+    rows need (`Programs.ensure`: compiling is timed apart and leaves deadlines alone)."""
+    plan = programs.ensure(entry, settings, activations.shape[0])
+    return solvers.unfold(activations, entry.prepared, method=settings, plan=plan)
 
 
 SETTINGS_CACHE_SIZE = 256
@@ -169,11 +183,16 @@ async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher)
 
     Parameters are checked against the dictionary first, so a bad request is refused (422)
     before it can join a batch; then the rows go through the `batcher` (merged with concurrent
-    requests of the same dictionary and settings when dynamic batching is on).
+    requests of the same dictionary and settings when dynamic batching is on). The settings
+    are recorded as used (`Usage`: start-up warms the most used).
     """
     settings = solver_settings(entry, params)
+    programs = batcher.programs
+    programs.usage.record(entry.record.id, settings, activations.shape[0])
     return await batcher.submit(
-        (entry.record.id, settings), activations, lambda rows: run(entry, rows, settings)
+        (entry.record.id, settings),
+        activations,
+        lambda rows: run(entry, rows, settings, programs),
     )
 
 

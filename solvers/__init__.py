@@ -17,6 +17,8 @@ from ._dictionary import (
     PathChoice,
     available_bytes,
     choose_path,
+    default_scan,
+    footprint,
     gram_bytes,
     prepare,
 )
@@ -24,7 +26,7 @@ from ._lasso import FISTA, ISTA, Lasso
 from ._omp import OMP
 from ._plan import DEFAULT_BLOCK_ROWS, Plan, plan_for
 from ._result import STATUS_MESSAGES, Solution, Status, UnfoldResult
-from ._validation import check_dictionary
+from ._validation import check_dictionary, validate_dictionary
 
 __all__ = [
     "DEFAULT_BLOCK_ROWS",
@@ -43,10 +45,13 @@ __all__ = [
     "available_bytes",
     "check_dictionary",
     "choose_path",
+    "default_scan",
+    "footprint",
     "gram_bytes",
     "make_settings",
     "plan_for",
     "prepare",
     "solve",
     "unfold",
+    "validate_dictionary",
 ]

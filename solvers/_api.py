@@ -103,8 +103,9 @@ def unfold(
 
 def _plan_of(settings, dictionary: Dictionary, **overrides) -> Plan:
     """`plan_for`, remembered for what it depends on (the settings' static fields, the
-    dictionary's shape, dtype, path, scan and device): a server asks for the same plan batch after batch, and an
-    accelerator's plan stays the same as its free memory moves (so no new program compiles)."""
+    dictionary's shape, dtype, path, scan and device): a server asks for the same plan batch
+    after batch, and an accelerator's plan stays the same as its free memory moves (so no new
+    program compiles)."""
     key = (
         jax.tree_util.tree_structure(settings),  # its class and static fields, not alpha or tol
         dictionary.atoms.shape,
@@ -127,48 +128,23 @@ MAX_PLANS = 1024
 """Plans remembered by `_plan_of` (all forgotten when full)."""
 
 
-def padded_rows(n_rows: int, chunk_rows: int, block_rows: int, min_rows: int = 1) -> int:
-    """Rows of the compiled call for a (partial) block: a power of two times `chunk_rows`, or
-    for fewer rows than a chunk, a power of two, at least `min_rows` (at most a chunk; 1: a single
-    row is solved alone)."""
-    n_rows = max(1, min(min_rows, chunk_rows), min(n_rows, block_rows))
-    if n_rows <= chunk_rows:
-        return min(chunk_rows, 1 << (n_rows - 1).bit_length())
-    chunks = -(-n_rows // chunk_rows)
-    return chunk_rows * (1 << (chunks - 1).bit_length())
-
-
-def split_rows(n_rows: int, chunk_rows: int, block_rows: int, streams: int) -> list[range]:
-    """The rows of each call for a batch of `n_rows`: full calls of ``block_rows // streams``
-    rows (a multiple of `chunk_rows`), then the rest split evenly into as many calls as keep a
-    chunk each, at most `streams` (so that even a small batch keeps every stream busy)."""
-    per_call = max(chunk_rows, block_rows // streams // chunk_rows * chunk_rows)
-    full = n_rows // per_call * per_call
-    rest = n_rows - full
-    pieces = min(streams, -(-rest // chunk_rows))
-    starts = [*range(0, full, per_call), *(full + rest * i // pieces for i in range(pieces))]
-    if not starts:  # no rows: one empty call (padded to a row) gives empty results
-        return [range(0)]
-    return [range(a, b) for a, b in zip(starts, [*starts[1:], n_rows], strict=True)]
-
-
 def run(settings, dictionary: Dictionary, x: np.ndarray, plan: Plan) -> UnfoldResult:
     """Run validated `settings` on validated activations `x` of shape (batch, d_model).
 
-    The batch is cut into calls (`split_rows`), each padded (`padded_rows`) so that any batch
-    size reuses a handful of compiled programs; ``plan.streams`` calls run at once, each from
-    its own thread (`run_in_lanes`; JAX releases the GIL while a call runs).
+    The batch is cut into calls, each padded so that any batch size reuses a handful of
+    compiled programs (`Plan.calls`); ``plan.streams`` calls run at once, each from its own
+    thread (`run_in_lanes`; JAX releases the GIL while a call runs).
     """
 
-    def call(rows: range) -> list[np.ndarray]:
-        n_padded = padded_rows(len(rows), plan.chunk_rows, plan.block_rows, plan.min_rows)
+    def call(piece: tuple[range, int]) -> list[np.ndarray]:
+        rows, n_padded = piece
         padded = np.zeros((n_padded, x.shape[1]), x.dtype)
         padded[: len(rows)] = x[rows.start : rows.stop]
         with precision(dictionary.dtype):  # thread-local: entered by each thread
             out = _solve_jit(settings, dictionary, jnp.asarray(padded), plan)
             return [np.asarray(field)[: len(rows)] for field in out]
 
-    calls = split_rows(x.shape[0], plan.chunk_rows, plan.block_rows, plan.streams)
+    calls = plan.calls(x.shape[0])
     # One call at a time, and none of another such program alongside, for plans that run alone.
     with RUN_ALONE if plan.run_alone else contextlib.nullcontext():
         parts = run_in_lanes(call, calls, min(plan.streams, len(calls)))

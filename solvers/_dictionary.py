@@ -90,6 +90,23 @@ def gram_bytes(n_features: int, dtype="float32") -> int:
     return n_features * n_features * np.dtype(dtype).itemsize
 
 
+def footprint(n_features: int, d_model: int, dtype="float32", *, gram: bool, scan: str) -> int:
+    """Device memory a prepared dictionary takes (`Dictionary.nbytes`), known before `prepare`."""
+    itemsize = np.dtype(dtype).itemsize
+    vectors = n_features * d_model + d_model + n_features + 1  # atoms, bias, norms, lipschitz
+    size = vectors * itemsize + (gram_bytes(n_features, dtype) if gram else 0)
+    if scan == "bfloat16":
+        size += n_features * d_model * 2 + itemsize  # scan_atoms, scan_error
+    return size
+
+
+def default_scan(dtype, gram: bool) -> str:
+    """OMP's scan precision when `prepare` is not told: bfloat16 on an accelerator for a float32
+    matrix-free dictionary, else float32."""
+    accelerator = jax.default_backend() != "cpu"
+    return "bfloat16" if accelerator and not gram and np.dtype(dtype) == np.float32 else "float32"
+
+
 def host_available_bytes() -> int:
     """The host's available memory (Linux's MemAvailable: free plus reclaimable)."""
     try:
@@ -134,10 +151,12 @@ def choose_path(
     *,
     gram: bool | None = None,
     gram_budget_bytes: int | None = None,
+    budget_source: str = "the configured budget",
     device=None,
 ) -> PathChoice:
     """The Gram path when `gram` says so, else when the Gram matrix fits `gram_budget_bytes`,
-    which defaults to `GRAM_MEMORY_FRACTION` of the memory available on `device` now."""
+    which defaults to `GRAM_MEMORY_FRACTION` of the memory available on `device` now
+    (`budget_source` names a given budget in the reason)."""
     size = gram_bytes(n_features, dtype)
     if gram is not None:
         reason = "Gram path requested" if gram else "matrix-free path requested"
@@ -150,7 +169,7 @@ def choose_path(
             f"{GRAM_MEMORY_FRACTION:.0%} of the {_gb(available)} available on {device.platform}"
         )
     else:
-        budget, source = int(gram_budget_bytes), "the configured budget"
+        budget, source = int(gram_budget_bytes), budget_source
     fits = size <= budget
     verb = "fits" if fits else "exceeds"
     reason = f"the Gram matrix ({_gb(size)}) {verb} {source} ({_gb(budget)})"
@@ -204,8 +223,7 @@ def prepare(
         atoms.shape[0], np_dtype, gram=gram, gram_budget_bytes=gram_budget_bytes
     ).gram
     if scan is None:
-        accelerator = jax.default_backend() != "cpu"
-        scan = "bfloat16" if accelerator and not with_gram and np_dtype == np.float32 else "float32"
+        scan = default_scan(np_dtype, with_gram)
     if scan == "bfloat16" and np_dtype != np.float32:
         raise ValueError("a bfloat16 scan needs a float32 dictionary")
     with precision(np_dtype):

@@ -73,6 +73,40 @@ class Plan:
     native_argmax: bool = False
     scan: str = "float32"
 
+    def calls(self, n_rows: int) -> list[tuple[range, int]]:
+        """(rows, padded rows) of each compiled call that a batch of `n_rows` runs as
+        (`split_rows`, `padded_rows`): with given settings and dictionary, one program per
+        padded size."""
+        return [
+            (rows, padded_rows(len(rows), self.chunk_rows, self.block_rows, self.min_rows))
+            for rows in split_rows(n_rows, self.chunk_rows, self.block_rows, self.streams)
+        ]
+
+
+def padded_rows(n_rows: int, chunk_rows: int, block_rows: int, min_rows: int = 1) -> int:
+    """Rows of the compiled call for a (partial) block: a power of two times `chunk_rows`, or
+    for fewer rows than a chunk, a power of two, at least `min_rows` (at most a chunk; 1: a single
+    row is solved alone)."""
+    n_rows = max(1, min(min_rows, chunk_rows), min(n_rows, block_rows))
+    if n_rows <= chunk_rows:
+        return min(chunk_rows, 1 << (n_rows - 1).bit_length())
+    chunks = -(-n_rows // chunk_rows)
+    return chunk_rows * (1 << (chunks - 1).bit_length())
+
+
+def split_rows(n_rows: int, chunk_rows: int, block_rows: int, streams: int) -> list[range]:
+    """The rows of each call for a batch of `n_rows`: full calls of ``block_rows // streams``
+    rows (a multiple of `chunk_rows`), then the rest split evenly into as many calls as keep a
+    chunk each, at most `streams` (so that even a small batch keeps every stream busy)."""
+    per_call = max(chunk_rows, block_rows // streams // chunk_rows * chunk_rows)
+    full = n_rows // per_call * per_call
+    rest = n_rows - full
+    pieces = min(streams, -(-rest // chunk_rows))
+    starts = [*range(0, full, per_call), *(full + rest * i // pieces for i in range(pieces))]
+    if not starts:  # no rows: one empty call (padded to a row) gives empty results
+        return [range(0)]
+    return [range(a, b) for a, b in zip(starts, [*starts[1:], n_rows], strict=True)]
+
 
 def _cpu_cores() -> int:
     try:

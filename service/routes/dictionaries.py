@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from .. import unfolding
+from .. import memory, unfolding
 from ..batching import warmup
 from ..dependencies import RegistryDep, SettingsDep
 from ..errors import InvalidInput
 from ..formats import (
     NPY,
     SAFETENSORS,
-    pick_dictionary_tensors,
-    read_npy,
-    read_sae_config,
-    read_safetensors,
+    SafetensorsFile,
+    converted,
+    dictionary_arrays,
+    map_file,
+    open_npy,
 )
 from ..registry import Entry
 from ..schemas import (
@@ -29,6 +33,7 @@ from ..schemas import (
     UnfoldResponse,
     openapi_body,
 )
+from ..uploads import check_disk, read_capped, spooled
 from ._direct import DirectRoute
 
 router = APIRouter(prefix="/v1/dictionaries", tags=["dictionaries"])
@@ -62,12 +67,21 @@ def describe(entry: Entry) -> DictionaryInfo:
     )
 
 
-async def read_registration(request: Request) -> DictionaryCreate | dict:
-    """The registration in any accepted format, as keyword arguments of `Registry.register`."""
+JSON_ADVICE = (
+    "a JSON registration is limited to UNFOLD_MAX_BODY_BYTES; send a large dictionary as "
+    f"{NPY} or safetensors (streamed to disk, up to UNFOLD_MAX_DICTIONARY_BYTES)"
+)
+
+
+async def read_registration(request: Request, settings) -> dict:
+    """The registration in any accepted format, as keyword arguments of `Registry.register`.
+    Binary uploads are streamed to disk and their arrays are memory-mapped views."""
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    staging = request.app.state.registry.store.staging
     if content_type == "application/json":
+        body = await read_capped(request, settings.max_body_bytes, JSON_ADVICE)
         try:
-            data = orjson.loads(await request.body())
+            data = orjson.loads(body)
         except orjson.JSONDecodeError as error:
             raise InvalidInput(f"body is not valid JSON: {error}", code="invalid_request") from None
         body = unfolding.validate(DictionaryCreate, data)
@@ -78,16 +92,24 @@ async def read_registration(request: Request) -> DictionaryCreate | dict:
             "labels": body.labels,
             "metadata": body.metadata,
         }
-    if content_type == NPY:
-        name = request.query_params.get("name")
+    if content_type in (NPY, SAFETENSORS):
+        query = request.query_params
+        name = query.get("name")
         if not name:
             raise InvalidInput("give the dictionary a name: ?name=...", code="invalid_request")
-        return {"name": name, "directions": read_npy(await request.body(), "directions")}
+        async with spooled(request, staging) as path:
+            if content_type == NPY:
+                return {"name": name, **converted(open_npy(path, "directions"), None, {})}
+            file = SafetensorsFile(map_file(path), "body")
+            arrays = dictionary_arrays(file, query.get("tensor"), query.get("bias_tensor"), None)
+            return {"name": name, **arrays}
     if content_type == "multipart/form-data":
+        check_disk(request, staging, Path(tempfile.gettempdir()))
         return await _read_multipart(request)
     raise InvalidInput(
-        f"unsupported Content-Type {content_type!r}; send application/json, {NPY} or "
-        "multipart/form-data (a safetensors file, optionally with a SAELens cfg.json)",
+        f"unsupported Content-Type {content_type!r}; send application/json, {NPY}, "
+        f"{SAFETENSORS} or multipart/form-data (a safetensors file, optionally with a SAELens "
+        "cfg.json)",
         code="unsupported_media_type",
     )
 
@@ -101,13 +123,11 @@ async def _read_multipart(request: Request) -> dict:
             "multipart registration needs a `file` part (safetensors) and a `name` field",
             code="invalid_request",
         )
-    tensors = read_safetensors(await upload.read(), "file")
-    directions, bias = pick_dictionary_tensors(tensors, form.get("tensor"), form.get("bias_tensor"))
-    metadata = {}
+    file = SafetensorsFile(await run_in_threadpool(map_file, upload.file), "file")
     config = form.get("cfg")
-    if isinstance(config, UploadFile):
-        metadata = read_sae_config(await config.read(), directions)
-    return {"name": name, "directions": directions, "bias": bias, "metadata": metadata}
+    config = await config.read() if isinstance(config, UploadFile) else None
+    arrays = dictionary_arrays(file, form.get("tensor"), form.get("bias_tensor"), config)
+    return {"name": name, **arrays}
 
 
 def _matrix(rows: list[list[float]]) -> np.ndarray:
@@ -134,18 +154,25 @@ def _matrix(rows: list[list[float]]) -> np.ndarray:
         DictionaryCreate,
         {
             NPY: "Directions (n_features, d_model); the name in the query: ?name=...",
+            SAFETENSORS: "A safetensors file (W_dec/b_dec or the only 2-D tensor, or name them "
+            "with ?tensor=&bias_tensor=); the name in the query: ?name=...",
             "multipart/form-data": "Fields: name, file (safetensors; W_dec/b_dec or the only "
             "2-D tensor, or name it with `tensor` and `bias_tensor`), cfg (SAELens cfg.json)",
         },
     ),
 )
 async def create_dictionary(request: Request, registry: RegistryDep, settings: SettingsDep):
-    registration = await read_registration(request)
+    registration = await read_registration(request, settings)
     entry, created = await run_in_threadpool(lambda: registry.register(**registration))
     if created and settings.warmup:  # compile its default programs before the first request
         background = request.app.state.background
         background.start(
-            "unfold-warmup", warmup, entry, settings.max_batch_size, stop=background.stopping
+            "unfold-warmup",
+            warmup,
+            entry,
+            settings.max_batch_size,
+            stop=background.stopping,
+            programs=request.app.state.batcher.programs,
         )
     return unfolding.JSONResponse(
         describe(entry).model_dump(mode="json"), status_code=201 if created else 200
@@ -174,15 +201,18 @@ async def unfold(request: Request, ref: str) -> Response:
     state = request.app.state
     entry = state.registry.get(ref)
     activations, params = await unfolding.parse_request(request, entry.record.d_model)
-    max_rows = state.settings.max_rows
-    if activations.shape[0] > max_rows:
-        raise InvalidInput(
-            f"{activations.shape[0]} rows exceed the limit of {max_rows} per request; "
-            "split the batch",
-            code="too_many_rows",
-        )
-    result = await unfolding.solve(entry, activations, params, state.batcher)
-    return unfolding.render(request, entry, result, params)
+    unfolding.check_rows(activations, state.settings.max_rows)
+    nbytes = memory.request_bytes(
+        activations.shape[0],
+        entry.record.d_model,
+        entry.record.n_features,
+        dense_limit=state.settings.max_dense_answer_bytes,
+        dense=params.output == "dense" or NPY in request.headers.get("accept", ""),
+        advice=f"ask for sparse codes (JSON output=sparse, or Accept: {SAFETENSORS})",
+    )
+    with state.registry.budget.hold_request(nbytes, state.settings.retry_after_s):
+        result = await unfolding.solve(entry, activations, params, state.batcher)
+        return unfolding.render(request, entry, result, params)
 
 
 router.add_api_route(

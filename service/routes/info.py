@@ -6,7 +6,7 @@ import jax
 from fastapi import APIRouter
 
 from .. import __version__
-from ..dependencies import SettingsDep
+from ..dependencies import RegistryDep, SettingsDep
 
 router = APIRouter(prefix="/v1", tags=["info"])
 
@@ -17,8 +17,16 @@ EXAMPLE = {
     "limits": {
         "max_rows": 65536,
         "max_body_bytes": 67108864,
+        "max_dictionary_bytes": 42949672960,
+        "max_dense_answer_bytes": 268435456,
         "max_queue_rows": 4096,
         "request_timeout_s": 60.0,
+    },
+    "memory": {
+        "budget_bytes": 19327352832,
+        "source": "80% of the 24.16 GB available on cpu at start-up",
+        "dictionaries_bytes": 1049088,
+        "requests_bytes": 0,
     },
     "gram_budget_bytes": None,
     "auth": False,
@@ -31,7 +39,8 @@ EXAMPLE = {
     summary="Version, JAX backend and devices, and the serving settings (never the API keys)",
     responses={200: {"content": {"application/json": {"example": EXAMPLE}}}},
 )
-async def info(settings: SettingsDep) -> dict:
+async def info(settings: SettingsDep, registry: RegistryDep) -> dict:
+    budget = registry.budget
     return {
         "version": __version__,
         "jax": {
@@ -47,8 +56,15 @@ async def info(settings: SettingsDep) -> dict:
         "limits": {
             "max_rows": settings.max_rows,
             "max_body_bytes": settings.max_body_bytes,
+            "max_dictionary_bytes": settings.max_dictionary_bytes,
+            "max_dense_answer_bytes": settings.max_dense_answer_bytes,
             "max_queue_rows": settings.max_queue_rows,
             "request_timeout_s": settings.request_timeout_s,
+        },
+        "memory": {
+            "budget_bytes": budget.total,
+            "source": budget.source,
+            **{f"{kind}_bytes": used for kind, used in budget.used.items()},
         },
         "gram_budget_bytes": settings.gram_budget_bytes,
         "auth": bool(settings.api_keys),

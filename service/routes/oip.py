@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import oip, unfolding
+from .. import memory, oip, unfolding
 from ..dependencies import BatcherDep, RegistryDep, SettingsDep
-from ..errors import InvalidInput, NotFound, NotReady, UnfoldError, describe_validation_errors
+from ..errors import NotFound, NotReady, UnfoldError, describe_validation_errors
 from ..responses import JSONResponse
 
 
@@ -155,15 +155,19 @@ async def infer(
     )
     decoded = oip.decode_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
     activations = unfolding.activations_array(decoded.activations, entry.record.d_model)
-    if activations.shape[0] > settings.max_rows:
-        raise InvalidInput(
-            f"{activations.shape[0]} rows exceed the limit of {settings.max_rows} per request; "
-            "split the batch",
-            code="too_many_rows",
-        )
-    result = await unfolding.solve(entry, activations, decoded.params, batcher)
-    content, header_length = oip.encode_infer_response(entry, decoded, result)
-    content, encoding = oip.compress(content, request.headers.get("accept-encoding"))
+    unfolding.check_rows(activations, settings.max_rows)
+    nbytes = memory.request_bytes(
+        activations.shape[0],
+        entry.record.d_model,
+        entry.record.n_features,
+        dense_limit=settings.max_dense_answer_bytes,
+        dense=any(output.name == "codes" for output in decoded.outputs),
+        advice="request the outputs indices and values instead of codes",
+    )
+    with registry.budget.hold_request(nbytes, settings.retry_after_s):
+        result = await unfolding.solve(entry, activations, decoded.params, batcher)
+        content, header_length = oip.encode_infer_response(entry, decoded, result)
+        content, encoding = oip.compress(content, request.headers.get("accept-encoding"))
     headers = {}
     if header_length is not None:
         headers[oip.HEADER_LENGTH] = str(header_length)

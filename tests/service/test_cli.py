@@ -7,13 +7,14 @@ import json
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from service.cli import main
-from tests.service.helpers import free_port
+from service.cli import UPLOAD_BAR_BYTES, UploadBar, main
+from tests.service.helpers import free_port, safetensors_bytes
 from tests.service.test_oip import lean_server, toy_problem
 
 
@@ -38,7 +39,7 @@ def unfold(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def check_output(path, codes):
+def check_output(path, codes, atol=1e-4):
     tensors = load_file(path)
     assert set(tensors) == {
         "indices",
@@ -54,7 +55,7 @@ def check_output(path, codes):
     dense = np.zeros(codes.shape, np.float32)
     for index in np.ndindex(codes.shape[:-1]):
         dense[index][tensors["indices"][index]] = tensors["values"][index]
-    np.testing.assert_allclose(dense, codes, atol=1e-4)
+    np.testing.assert_allclose(dense, codes, atol=atol)
     with safe_open(str(path), "np") as file:
         metadata = file.metadata()
     assert metadata["n_features"] == "64" and metadata["method"] == "omp"
@@ -94,6 +95,63 @@ def test_against_a_server(url, files, capsys, monkeypatch):
     assert code == 1 and err.startswith("unfold: error: no dictionary with id or name 'toy'")
 
 
+def test_dict_add_uploads_a_saelens_folder(url, tmp_path, capsys):
+    directions, codes, x = toy_problem(batch=12, seed=3)
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    tensors = {"W_enc": directions.T.copy(), "W_dec": directions, "b_dec": np.zeros(24, "f4")}
+    save_file(tensors, folder / "sae_weights.safetensors")
+    (folder / "cfg.json").write_text(json.dumps({"d_in": 24, "d_sae": 64}))
+    code, out, err = unfold(capsys, "dict", "add", "sae", folder, "--url", url, "--json")
+    assert code == 0, err
+    assert json.loads(out)["n_features"] == 64 and err == ""  # no bar: not a terminal, small
+    np.save(tmp_path / "acts.npy", x)
+    output = tmp_path / "codes.safetensors"
+    command = ["run", "sae", tmp_path / "acts.npy", output, "--k", "3", "--url", url]
+    code, _, err = unfold(capsys, *command)
+    assert code == 0, err
+    np.testing.assert_allclose(load_file(output)["l0"], 3)
+    assert unfold(capsys, "dict", "rm", "sae", "--url", url)[0] == 0
+
+
+class Stderr:
+    def __init__(self, terminal: bool):
+        self.terminal, self.text = terminal, ""
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("terminal", "total", "quiet", "shown"),
+    [
+        (True, 1000, False, True),
+        (False, 1000, False, False),
+        (False, UPLOAD_BAR_BYTES, False, True),
+        (True, UPLOAD_BAR_BYTES, True, False),
+    ],
+)
+def test_the_upload_bar_shows_on_a_terminal_or_for_large_uploads(
+    terminal, total, quiet, shown, monkeypatch
+):
+    stderr = Stderr(terminal)
+    monkeypatch.setattr("sys.stderr", stderr)
+    bar = UploadBar(quiet)
+    for sent in (0, total // 2, 0, total // 2, total):  # a retry starts again from 0
+        bar(sent, total)
+    if shown:
+        assert bar.bar.n == total and bar.bar.total == total
+    bar.close()
+    assert ("upload" in stderr.text) == shown
+
+
 def test_safetensors_input_and_errors(url, files, capsys):
     folder, codes = files
     assert unfold(capsys, "dict", "add", "toy2", folder / "toy.npy", "--url", url)[0] == 0
@@ -115,6 +173,11 @@ def test_safetensors_input_and_errors(url, files, capsys):
     )
     assert code == 0, err
     check_output(output, codes)
+    half = folder / "acts-bf16.safetensors"  # read as bfloat16, solved in float32
+    half.write_bytes(safetensors_bytes({"resid": x.astype(ml_dtypes.bfloat16)}))
+    code, _, err = unfold(capsys, "run", "toy2", half, output, *common)
+    assert code == 0, err
+    check_output(output, codes, atol=0.05)  # bfloat16 keeps 8 bits of each activation
 
     np.save(folder / "narrow.npy", np.zeros((2, 23), np.float32))
     code, _, err = unfold(capsys, "run", "toy2", folder / "narrow.npy", output, *common)

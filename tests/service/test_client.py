@@ -88,10 +88,48 @@ def test_register_with_bias_and_from_files(client, tmp_path):
     (folder / "cfg.json").write_text(json.dumps(cfg))
     sae = client.register_saelens("sae", folder)
     assert sae["has_bias"] and sae["metadata"]["hook_name"] == "blocks.8.hook_resid_pre"
+    assert client.register("sae", directions * 4, bias=bias)["id"] == sae["id"]  # same content
     with pytest.raises(ValueError, match="SAELens"):
         client.register_saelens("nothing", tmp_path)
     for name in ("biased", "from-npy", "from-st", "sae"):
         client.delete(name)
+
+
+def test_a_saelens_folder_registers_as_its_decoder_alone(client, tmp_path):
+    rng = np.random.default_rng(5)
+    tensors = {
+        "W_enc": rng.standard_normal((256, 4096)).astype(np.float32),
+        "b_enc": np.zeros(4096, np.float32),
+        "W_dec": rng.standard_normal((4096, 256)).astype(np.float32),
+        "b_dec": rng.standard_normal(256).astype(np.float32),
+    }
+    save_file(tensors, tmp_path / "sae_weights.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps({"d_in": 256, "d_sae": 4096}))
+    sizes, progress = [], []
+    client._http.event_hooks["request"].append(
+        lambda request: sizes.append(int(request.headers.get("content-length", 0)))
+    )
+    info = client.register_saelens("big-sae", tmp_path, progress=lambda *a: progress.append(a))
+    assert (info["n_features"], info["d_model"], info["has_bias"]) == (4096, 256, True)
+    decoder = tensors["W_dec"].nbytes + tensors["b_dec"].nbytes
+    assert decoder < sizes[0] < decoder + 4096  # W_enc (4 MB) stayed home
+    assert progress[-1] == (sizes[0], sizes[0])
+    direct = client.register("big-sae", tensors["W_dec"], bias=tensors["b_dec"])
+    assert direct["id"] == info["id"]  # the same dictionary
+    client.delete("big-sae")
+
+
+def test_a_half_precision_file_is_sent_in_half_precision(client, tmp_path):
+    directions = toy_problem()[0].astype(np.float16)
+    save_file({"W_dec": directions}, tmp_path / "half.safetensors")
+    sizes = []
+    client._http.event_hooks["request"].append(
+        lambda request: sizes.append(int(request.headers.get("content-length", 0)))
+    )
+    info = client.register_file("half", tmp_path / "half.safetensors")
+    assert directions.nbytes < sizes[0] < directions.nbytes + 1024  # not widened to float32
+    assert client.register("half", directions.astype(np.float32))["id"] == info["id"]
+    client.delete("half")
 
 
 def test_unfold_matches_ground_truth_in_any_leading_shape(client, toy):
@@ -143,12 +181,13 @@ def test_unfold_errors_are_typed(client, toy):
         client.unfold("toy", np.zeros((0, 24)))
 
 
-def test_server_down_is_a_connection_error():
-    with (
-        UnfoldClient(f"http://127.0.0.1:{free_port()}") as client,
-        pytest.raises(UnfoldConnectionError, match="cannot reach"),
-    ):
-        client.list()
+def test_server_down_is_a_connection_error_after_retries():
+    with UnfoldClient(f"http://127.0.0.1:{free_port()}", max_retries=3) as client:
+        delays = []
+        client._sleep = delays.append
+        with pytest.raises(UnfoldConnectionError, match=r"cannot reach .* \(after 3 retries\): "):
+            client.list()
+    assert delays == [0.5, 1.0, 2.0]
 
 
 def test_async_client(url, toy):
@@ -247,29 +286,104 @@ def test_async_retries():
 
 
 @pytest.mark.parametrize(
-    ("failure", "expected", "match"),
+    ("failure", "expected", "match", "retried"),
     [
-        (httpx.ReadTimeout("slow"), UnfoldTimeoutError, "within the client's timeout"),
-        (httpx.WriteTimeout("slow"), UnfoldTimeoutError, "chunk_rows"),
-        (httpx.ConnectTimeout("no route"), UnfoldConnectionError, "cannot reach"),
-        (httpx.ConnectError("refused"), UnfoldConnectionError, "cannot reach"),
+        (httpx.ReadTimeout("slow"), UnfoldTimeoutError, "within the client's timeout", False),
+        (httpx.WriteTimeout("slow"), UnfoldTimeoutError, "chunk_rows", False),
+        (httpx.ConnectTimeout("no route"), UnfoldConnectionError, "cannot reach", True),
+        (httpx.ConnectError("refused"), UnfoldConnectionError, "cannot reach", True),
     ],
 )
-def test_a_timeout_is_reported_as_a_timeout_not_as_an_unreachable_server(failure, expected, match):
+def test_a_timeout_is_reported_as_a_timeout_not_as_an_unreachable_server(
+    failure, expected, match, retried
+):
+    attempts = []
+
     def handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(request)
         raise failure
 
     transport = httpx.MockTransport(handler)
     with (
-        UnfoldClient("http://unfold.test", transport=transport, timeout=7.0) as client,
+        UnfoldClient(
+            "http://unfold.test", transport=transport, timeout=7.0, max_retries=2
+        ) as client,
         pytest.raises(expected, match=match) as raised,
     ):
+        client._sleep = lambda seconds: None
         client.list()
     assert ("7.0 s" in str(raised.value)) == (expected is UnfoldTimeoutError)
+    assert len(attempts) == (3 if retried else 1)  # a timeout once connected is not retried
 
     async def main():
-        async with AsyncUnfoldClient("http://unfold.test", transport=transport) as client:
+        async with AsyncUnfoldClient(
+            "http://unfold.test", transport=transport, max_retries=0
+        ) as client:
             await client.list()
 
     with pytest.raises(expected, match=match):
         asyncio.run(main())
+
+
+def failing_transport(failures: list[Exception], final: httpx.Response):
+    """Raises the queued `failures` in turn, then answers (copies of) `final`; records the
+    requests."""
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if failures:
+            raise failures.pop(0)
+        return httpx.Response(final.status_code, headers=final.headers, content=final.content)
+
+    return httpx.MockTransport(handler), seen
+
+
+LOST = [httpx.ConnectError("refused"), httpx.ReadError("reset"), httpx.RemoteProtocolError("eof")]
+
+
+def test_connection_failures_are_retried_with_backoff():
+    transport, seen = failing_transport(list(LOST), LISTING)
+    with UnfoldClient("http://unfold.test", transport=transport, max_backoff=0.75) as client:
+        delays = []
+        client._sleep = delays.append
+        assert client.list() == []
+    assert delays == [0.5, 0.75, 0.75] and len(seen) == 4
+
+    transport, seen = failing_transport([httpx.ConnectError("refused")] * 9, LISTING)
+    with UnfoldClient("http://unfold.test", transport=transport, max_retries=2) as client:
+        delays = []
+        client._sleep = delays.append
+        with pytest.raises(UnfoldConnectionError, match=r"\(after 2 retries\): refused"):
+            client.list()
+    assert delays == [0.5, 1.0] and len(seen) == 3
+
+
+def test_async_connection_failures_are_retried_with_backoff():
+    transport, seen = failing_transport(list(LOST), LISTING)
+    delays = []
+
+    async def main():
+        async with AsyncUnfoldClient("http://unfold.test", transport=transport) as client:
+
+            async def sleep(seconds):
+                delays.append(seconds)
+
+            client._sleep = sleep
+            return await client.list()
+
+    assert asyncio.run(main()) == [] and delays == [0.5, 1.0, 2.0] and len(seen) == 4
+
+
+def test_a_lost_connection_is_retried_only_for_idempotent_requests():
+    for failure, retried in [(httpx.ReadError("reset"), False), (httpx.ConnectError("no"), True)]:
+        transport, seen = failing_transport([failure], LISTING)
+        with UnfoldClient("http://unfold.test", transport=transport) as client:
+            client._sleep = lambda seconds: None
+            request = client._request("POST", "/v1/some-action", idempotent=False)
+            if retried:  # nothing was sent: safe whatever the request
+                assert client._send(request).status_code == 200
+            else:
+                with pytest.raises(UnfoldConnectionError, match="reset"):
+                    client._send(request)
+        assert len(seen) == (2 if retried else 1)

@@ -234,7 +234,12 @@ def test_openapi_documents_every_route_and_body(client):
     unfold = spec["paths"]["/v1/dictionaries/{ref}/unfold"]["post"]
     assert set(unfold["requestBody"]["content"]) == {"application/json", "application/x-npy"}
     register = spec["paths"]["/v1/dictionaries"]["post"]["requestBody"]["content"]
-    assert set(register) == {"application/json", "application/x-npy", "multipart/form-data"}
+    assert set(register) == {
+        "application/json",
+        "application/x-npy",
+        "application/vnd.safetensors",
+        "multipart/form-data",
+    }
     assert {"OMPRequest", "LassoRequest"} <= set(spec["components"]["schemas"])
     assert {"name", "directions"} <= set(register["application/json"]["schema"]["properties"])
 

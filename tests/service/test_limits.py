@@ -79,7 +79,9 @@ def test_streamed_body_is_cut_off_as_soon_as_it_passes_the_limit():
             sent.append(message)
 
         scope = {"type": "http", "method": "POST", "path": "/", "headers": list(headers)}
-        await BodyLimitMiddleware(app, max_body_bytes=250)(scope, receive, send)
+        await BodyLimitMiddleware(app, max_body_bytes=250, max_dictionary_bytes=250)(
+            scope, receive, send
+        )
         return sent
 
     delivered.clear()

@@ -12,8 +12,9 @@ from sklearn.linear_model import orthogonal_mp
 
 import solvers
 from solvers import Status, _api
-from solvers._api import padded_rows, run_in_lanes, split_rows
+from solvers._api import run_in_lanes
 from solvers._omp import select
+from solvers._plan import padded_rows, split_rows
 from tests.conftest import sparse_problem
 
 
