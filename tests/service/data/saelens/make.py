@@ -1,8 +1,15 @@
 """Writes tests/service/data/saelens: one SAE folder per architecture, saved by SAELens itself,
 with decoded.npz holding codes and SAELens's own `decode` of them (the ground truth)."""
-import json, os, shutil
-import numpy as np, torch
-from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig, JumpReLUSAEConfig, GatedSAEConfig
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from sae_lens import SAE, GatedSAEConfig, JumpReLUSAEConfig, StandardSAEConfig, TopKSAEConfig
+
 root = "tests/service/data/saelens"
 shutil.rmtree(root, ignore_errors=True)
 torch.manual_seed(0)
@@ -28,4 +35,8 @@ for name, cls, extra, dtype in cases:
     with torch.no_grad():
         decoded = sae.decode(codes)
     np.savez(f"{out}/decoded.npz", codes=codes.float().numpy(), decoded=decoded.float().numpy())
-    print(name, os.path.getsize(f"{out}/sae_weights.safetensors"), json.load(open(f"{out}/cfg.json"))["dtype"])
+    print(
+        name,
+        os.path.getsize(f"{out}/sae_weights.safetensors"),
+        json.loads(Path(f"{out}/cfg.json").read_text())["dtype"],
+    )
