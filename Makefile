@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint bench bench-service clean
+.PHONY: serve test lint bench bench-service soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,14 +30,19 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check solvers service tests bench
-	$(BIN)/ruff format --check solvers service tests bench
+	$(BIN)/ruff check solvers service tests bench examples
+	$(BIN)/ruff format --check solvers service tests bench examples
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/solvers.py
 
 bench-service: $(VENV)/.installed-bench
 	$(BIN)/python bench/service.py
+
+# A bounded soak of a real server on 127.0.0.1 (not a pytest test): SOAK_SECONDS=120 by default.
+SOAK_SECONDS ?= 120
+soak: $(VENV)/.installed-test
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ import threading
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from . import __version__
 from .auth import PUBLIC_PATHS, APIKeyMiddleware
@@ -109,7 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # At most one compilation to wait for (warm-up checks `stopping` between them).
         await asyncio.to_thread(app.state.background.stop, SHUTDOWN_WAIT_SECONDS)
 
-    app = FastAPI(
+    # Swagger UI and ReDoc assets come from the fastapi-offline package, not a CDN: /docs works
+    # where the browser reaches only this server.
+    app = FastAPIOffline(
         title="Unfold",
         version=__version__,
         summary="Compressed-sensing unfolding of superposed neural-network activations.",

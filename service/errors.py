@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import iter_route_contexts
+from starlette.convertors import PathConvertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from .responses import JSONResponse
 
@@ -26,6 +31,17 @@ class UnfoldError(Exception):
 class NotFound(UnfoldError):
     status_code = 404
     code = "not_found"
+
+
+class MethodNotAllowed(UnfoldError):
+    """The path exists, but not with this method; `Allow` lists the methods it has."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, path: str, allow: list[str]):
+        super().__init__(f"{method} is not allowed on {path}; use {', '.join(allow)}")
+        self.headers = {"Allow": ", ".join(allow)}
 
 
 class Conflict(UnfoldError):
@@ -96,6 +112,27 @@ def error_response(
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
+def allowed_methods(routes, scope) -> list[str]:
+    """Every method that one of the app's `routes` (those of included routers too) serves at the
+    request's path, sorted. Catch-all routes (a ``{...:path}`` parameter: the OIP's 404 for
+    unknown paths) do not count."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(routes):
+        convertors = getattr(route, "param_convertors", {}).values()
+        if not getattr(route, "methods", None) or any(
+            isinstance(convertor, PathConvertor) for convertor in convertors
+        ):
+            continue
+        if route.matches(scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
+HTTP_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+"""Codes of the framework's own errors (`StarletteHTTPException`); other statuses, should the
+framework raise one, are named after their reason phrase (e.g. 415 `unsupported_media_type`)."""
+
+
 def describe_validation_errors(errors: list[dict]) -> str:
     """One line naming each invalid field and why."""
     parts = []
@@ -128,10 +165,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return JSONResponse(
-            error_body(code, str(error.detail)),
-            status_code=error.status_code,
-            headers=error.headers,
-        )
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        status, message, headers = error.status_code, str(error.detail), error.headers
+        if status == 405:  # the router's Allow names one route's methods; list the path's
+            allow = allowed_methods(request.app.routes, request.scope)
+            if allow:
+                error = MethodNotAllowed(request.method, request.url.path, allow)
+                message, headers = error.message, error.headers
+        code = HTTP_ERROR_CODES.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "_")
+        return error_response(request.url.path, code, message, status, headers)

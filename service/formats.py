@@ -21,9 +21,10 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 from safetensors.numpy import save as save_safetensors
 
-from .errors import InvalidInput
+from .errors import InvalidInput, describe_validation_errors
 
 NPY = "application/x-npy"
 SAFETENSORS = "application/vnd.safetensors"
@@ -35,34 +36,77 @@ SAE_NORMALIZATIONS_HONOURED = (None, "none")
 
 
 NPY_MAGIC = b"\x93NUMPY"
+REAL_KINDS = "fiu"
+"""Numpy dtype kinds of real numbers (floats, signed and unsigned integers): what array
+inputs may hold. Complex numbers, booleans, strings, dates and records are refused."""
 
 
-def read_npy(body: bytes, what: str) -> np.ndarray:
-    """A numeric array from `.npy` bytes; object (pickled) arrays are refused."""
+def check_real(dtype: np.dtype, what: str, code: str) -> None:
+    """A 422 `code` unless `dtype` holds real numbers (`REAL_KINDS`)."""
+    if dtype.hasobject:
+        raise InvalidInput(
+            f"{what}: object arrays (pickled data) are refused; save a numeric array", code=code
+        )
+    if dtype.kind not in REAL_KINDS or dtype.subdtype is not None:
+        raise InvalidInput(
+            f"{what}: dtype {dtype} is not a real number type; send float32 (other floats and "
+            "integers are converted; complex numbers are refused, not truncated)",
+            code=code,
+        )
+
+
+def read_npy(body: bytes, what: str, max_rows: int | None = None) -> np.ndarray:
+    """A real array from `.npy` bytes, a read-only view of `body`.
+
+    The header is read first: its dtype must be real (`check_real`), its shape must match the
+    bytes that follow, and with `max_rows` the rows it declares (`shape[0]`, or 1 for a vector)
+    must be at most that (422 `too_many_rows`), all before any data is read.
+    """
     if not body.startswith(NPY_MAGIC):
         raise InvalidInput(
             f"{what}: not a .npy file (it must start with the .npy magic string); "
             "write it with numpy.save",
             code="invalid_npy",
         )
+    stream = io.BytesIO(body)
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except ValueError as error:
-        if "pickle" in str(error).lower():
-            raise InvalidInput(
-                f"{what}: object arrays (pickled data) are refused; save a numeric array",
-                code="invalid_npy",
-            ) from None
+        version = np.lib.format.read_magic(stream)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"format version {version} (numpy.save writes 1.0 for arrays here)")
+        shape, fortran_order, dtype = read_header(stream)
+    except Exception as error:  # a malformed header, or an object dtype numpy cannot describe
         raise InvalidInput(f"{what}: not a valid .npy file ({error})", code="invalid_npy") from None
-    except Exception as error:  # truncated or garbage bytes
-        raise InvalidInput(f"{what}: not a valid .npy file ({error})", code="invalid_npy") from None
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
-        raise InvalidInput(f"{what}: the .npy array must be numeric", code="invalid_npy")
-    return array
+    check_real(dtype, what, "invalid_npy")
+    count = math.prod(shape)
+    offset = stream.tell()
+    if len(body) - offset != count * dtype.itemsize:
+        raise InvalidInput(
+            f"{what}: the .npy header declares {dtype} {list(shape)} ({count * dtype.itemsize} "
+            f"bytes), but {len(body) - offset} bytes follow it (truncated or corrupt)",
+            code="invalid_npy",
+        )
+    rows = shape[0] if len(shape) > 1 else 1
+    if max_rows is not None and rows > max_rows:
+        raise too_many_rows(rows, max_rows)
+    array = np.frombuffer(body, dtype, count, offset)
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+def too_many_rows(rows: int, max_rows: int) -> InvalidInput:
+    return InvalidInput(
+        f"{rows} rows exceed the limit of {max_rows} per request (UNFOLD_MAX_ROWS); "
+        "split the batch",
+        code="too_many_rows",
+    )
 
 
 def open_npy(path: Path, what: str) -> np.ndarray:
-    """A numeric array from a `.npy` file, memory-mapped; object (pickled) arrays are refused."""
+    """A real array from a `.npy` file, memory-mapped; object (pickled) and non-real arrays
+    are refused."""
     with open(path, "rb") as file:
         if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
             raise InvalidInput(
@@ -77,8 +121,58 @@ def open_npy(path: Path, what: str) -> np.ndarray:
         raise InvalidInput(
             f"{what}: not a valid .npy file ({reason})", code="invalid_npy"
         ) from None
-    if not np.issubdtype(array.dtype, np.number):
-        raise InvalidInput(f"{what}: the .npy array must be numeric", code="invalid_npy")
+    check_real(array.dtype, what, "invalid_npy")
+    return array
+
+
+JSON_BLOCK_VALUES = 1 << 16
+"""JSON arrays are validated and converted this many numbers at a time (`json_array`)."""
+_JSON_NUMBERS = TypeAdapter(list[float], config=ConfigDict(strict=True))
+_JSON_ROWS = TypeAdapter(list[list[float]], config=ConfigDict(strict=True))
+
+
+def json_array(values: Any, what: str, *, shape_code: str, dtype=np.float32) -> np.ndarray:
+    """`values` parsed from JSON (a list of numbers, or a list of equally long lists of
+    numbers) as an array of `dtype`, of shape (n,) or (rows, n).
+
+    Numbers only: booleans, strings, nulls and deeper nesting are refused (422
+    `invalid_request`), never coerced; rows of unequal length are a 422 `shape_code`. Values
+    are checked and converted a block of `JSON_BLOCK_VALUES` at a time, so between blocks
+    other threads (the event loop, when this runs on a worker thread) get the interpreter.
+    Values beyond the range of `dtype` become infinite (callers refuse non-finite values).
+    """
+    if not isinstance(values, list):
+        raise InvalidInput(
+            f"{what} must be a list of numbers or a list of equally long lists of numbers",
+            code="invalid_request",
+        )
+    matrix = bool(values) and isinstance(values[0], list)
+    width = len(values[0]) if matrix else 1
+    adapter = _JSON_ROWS if matrix else _JSON_NUMBERS
+    array = np.empty((len(values), width) if matrix else len(values), dtype)
+    step = max(1, JSON_BLOCK_VALUES // max(1, width))
+    for start in range(0, len(values), step):
+        block = values[start : start + step]
+        try:
+            adapter.validate_python(block)
+        except ValidationError as error:
+            details = error.errors()
+            for detail in details:  # positions in the whole array, not in the block
+                detail["loc"] = (what, start + detail["loc"][0], *detail["loc"][1:])
+            message = f"{what} must be numbers; {describe_validation_errors(details)}"
+            raise InvalidInput(message, code="invalid_request") from None
+        try:
+            with np.errstate(over="ignore"):
+                converted = np.asarray(block, dtype)
+        except ValueError:
+            converted = None  # rows of unequal length
+        if converted is None or converted.shape[1:] != array.shape[1:]:
+            raise InvalidInput(
+                f"{what} must be a list of numbers or a list of equally long lists of numbers "
+                f"(the rows from {start} on are not all {width} long)",
+                code=shape_code,
+            )
+        array[start : start + step] = converted
     return array
 
 
@@ -203,10 +297,13 @@ def write_safetensors(tensors: dict[str, np.ndarray]) -> bytes:
     return save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()})
 
 
-def safetensors_header(tensors: dict[str, tuple[str, tuple[int, ...], int]]) -> bytes:
+def safetensors_header(
+    tensors: dict[str, tuple[str, tuple[int, ...], int]], metadata: dict[str, str] | None = None
+) -> bytes:
     """The size field and header of a safetensors file holding `tensors` (name: dtype code,
-    shape, bytes), laid out one after the other in that order."""
-    header, offset = {}, 0
+    shape, bytes), laid out one after the other in that order, and its `__metadata__`."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
     for name, (dtype, shape, nbytes) in tensors.items():
         header[name] = {
             "dtype": dtype,

@@ -28,7 +28,8 @@ import orjson
 import solvers
 
 from . import __version__, unfolding
-from .errors import InvalidInput
+from .errors import InvalidInput, TooLarge
+from .formats import json_array, too_many_rows
 from .registry import Entry
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -120,29 +121,40 @@ def check_version(entry: Entry, version: str | None) -> None:
 # Request bodies.
 
 
-def decompress(body: bytes, encoding: str | None, limit: int | None) -> bytes:
-    """The body without its `Content-Encoding` (gzip, deflate or identity), at most `limit`
-    bytes once expanded."""
-    encoding = (encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
+def content_encoding(header: str | None) -> str:
+    """The body's `Content-Encoding`: identity, gzip or deflate (others are refused)."""
+    encoding = (header or "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
         raise bad(
             f"unsupported Content-Encoding {encoding!r}; send gzip, deflate or no encoding",
             code="unsupported_encoding",
         )
+    return encoding
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body without its `content_encoding`, refused (413 `body_too_large`) once it expands
+    past `limit` bytes: zlib writes at most `limit + 1` bytes, so a small body that would
+    expand without bound costs no more memory than the limit. zlib releases the interpreter
+    while it inflates: run this on a worker thread."""
+    if encoding == "identity":
+        return body
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
     inflater = zlib.decompressobj(wbits)
     try:
-        expanded = inflater.decompress(body, limit or 0)
-        if inflater.unconsumed_tail:
-            raise bad(
-                f"the {encoding}-compressed body expands beyond the limit of {limit} bytes",
-                code="body_too_large",
-            )
-        expanded += inflater.flush()
+        expanded = inflater.decompress(body, limit + 1)
+        if len(expanded) <= limit:
+            expanded += inflater.flush()
     except zlib.error as error:
         raise bad(f"the body is not valid {encoding} data ({error})") from None
+    if len(expanded) > limit:
+        raise TooLarge(
+            f"the {encoding}-compressed body expands beyond the limit of {limit} bytes "
+            "(UNFOLD_MAX_BODY_BYTES); send fewer rows per request",
+            code="body_too_large",
+        )
+    if not inflater.eof:
+        raise bad(f"the body is not valid {encoding} data (it ends mid-stream)")
     return expanded
 
 
@@ -163,8 +175,10 @@ class InferRequest:
     binary_output: bool
 
 
-def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Parse an inference request (JSON, optionally followed by binary tensor data)."""
+def decode_infer_request(body: bytes, header_length: str | None, max_rows: int) -> InferRequest:
+    """Parse an inference request (JSON, optionally followed by binary tensor data). An input
+    of more than `max_rows` rows is refused (`too_many_rows`) from its declared shape, before
+    its data is read."""
     if header_length is None:
         header, binary = body, b""
     else:
@@ -192,7 +206,7 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise bad("`binary_data_output` must be true or false")
-    activations = _decode_inputs(request.get("inputs"), binary)
+    activations = _decode_inputs(request.get("inputs"), binary, max_rows)
     return InferRequest(
         id=request_id,
         activations=activations,
@@ -210,7 +224,7 @@ def _object(value, what: str) -> dict:
     return value
 
 
-def _decode_inputs(inputs, binary) -> np.ndarray:
+def _decode_inputs(inputs, binary, max_rows: int) -> np.ndarray:
     if not isinstance(inputs, list) or not inputs:
         raise bad(f"the request needs `inputs`: a list holding the one input {INPUT!r}")
     offset, found = 0, None
@@ -222,7 +236,7 @@ def _decode_inputs(inputs, binary) -> np.ndarray:
             raise bad(f"unknown input {name!r}: this model takes one input, {INPUT!r}")
         if found is not None:
             raise bad(f"input {INPUT!r} is given twice")
-        found, offset = _decode_tensor(tensor, binary, offset)
+        found, offset = _decode_tensor(tensor, binary, offset, max_rows)
     if offset != len(binary):
         raise bad(
             f"{len(binary) - offset} bytes of binary data follow the inputs' declared "
@@ -232,13 +246,21 @@ def _decode_inputs(inputs, binary) -> np.ndarray:
     return _activations(found)
 
 
-def _decode_tensor(tensor: dict, binary, offset: int) -> tuple[np.ndarray, int]:
+def _decode_tensor(tensor: dict, binary, offset: int, max_rows: int) -> tuple[np.ndarray, int]:
     name = tensor["name"]
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise bad(f"input {name!r}: `shape` must be a list of non-negative integers")
+    if len(shape) not in (1, 2):
+        raise bad(
+            f"input {name!r} has shape {shape}; send [batch, d_model] or [d_model]",
+            code="shape_mismatch",
+        )
+    rows = shape[0] if len(shape) == 2 else 1
+    if rows > max_rows:
+        raise too_many_rows(rows, max_rows)
     datatype = tensor.get("datatype")
     if datatype not in ACTIVATION_DATATYPES:
         what = "datatype" if datatype in DATATYPES or datatype == "BYTES" else "unknown datatype"
@@ -273,13 +295,10 @@ def _decode_tensor(tensor: dict, binary, offset: int) -> tuple[np.ndarray, int]:
         return array.reshape(shape), offset + size
     if "data" not in tensor:
         raise bad(f"input {name!r} has neither `data` nor a binary_data_size parameter")
-    try:
-        with np.errstate(over="ignore"):  # beyond float32 range becomes Inf: refused later
-            array = np.asarray(tensor["data"], dtype=dtype)
-    except (ValueError, TypeError):
-        raise bad(
-            f"input {name!r}: `data` must be numbers, flat in row-major order or nested by shape"
-        ) from None
+    # Numbers only (no booleans or strings), flat in row-major order or nested by shape.
+    array = json_array(
+        tensor["data"], f"input {name!r} data", shape_code="invalid_shape", dtype=dtype
+    )
     if array.size != count:
         raise bad(
             f"input {name!r}: `data` holds {array.size} values, but shape {shape} needs {count}"
@@ -288,12 +307,8 @@ def _decode_tensor(tensor: dict, binary, offset: int) -> tuple[np.ndarray, int]:
 
 
 def _activations(array: np.ndarray) -> np.ndarray:
-    if array.ndim not in (1, 2):
-        raise bad(
-            f"input {INPUT!r} has shape {list(array.shape)}; send [batch, d_model] or [d_model]",
-            code="shape_mismatch",
-        )
-    return array.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # beyond float32 range becomes Inf: refused later
+        return array.astype(np.float32, copy=False)
 
 
 def _solver_params(parameters: dict):

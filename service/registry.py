@@ -9,6 +9,7 @@ import re
 import threading
 
 import numpy as np
+import orjson
 
 import solvers
 
@@ -18,7 +19,11 @@ from .store import STORE_DTYPE, DictionaryRecord, DictionaryStore
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,127}")
+"""What a whole name must match (`fullmatch`: no trailing newline slips through)."""
+MAX_METADATA_DEPTH = 8
+MAX_METADATA_BYTES = 64 * 1024
+MAX_LABEL_CHARS = 256
 GRAM_SHARE_OF_BUDGET = 0.5
 """A Gram matrix is built when it takes at most this share of the memory budget left besides its
 dictionary (and UNFOLD_GRAM_BUDGET_BYTES, if set)."""
@@ -110,7 +115,7 @@ class Registry:
         converted to float32 and written a block of rows at a time (`DictionaryStore.stage`),
         and the entry's arrays are views of the stored file.
         """
-        if not NAME_PATTERN.match(name):
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise InvalidInput(
                 f"name {name!r} must start with a letter and hold at most 128 letters, digits, "
                 "'.', '_' or '-'",
@@ -124,13 +129,9 @@ class Registry:
         if bias is not None:
             bias = np.asarray(bias)
             bias = bias if np.any(bias != 0) else None
-        n_features = directions.shape[0]
-        if labels is not None and len(labels) != n_features:
-            raise InvalidInput(
-                f"labels has {len(labels)} entries; it needs one per feature "
-                f"(n_features={n_features})",
-                code="invalid_labels",
-            )
+        check_labels(labels, directions.shape[0])
+        metadata = metadata or {}
+        check_metadata(metadata)
         with self._changes:
             staged = self.store.stage(directions, bias)
             try:
@@ -143,7 +144,7 @@ class Registry:
                     directions=staged.directions,
                     bias=staged.bias,
                     labels=labels,
-                    metadata=metadata or {},
+                    metadata=metadata,
                     created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 )
                 entry = self._admit(record)
@@ -233,3 +234,54 @@ class Registry:
         with self._lock:
             self._entries[entry.record.id] = entry
             self._names[entry.record.name] = entry.record.id
+
+
+def check_labels(labels: list[str] | None, n_features: int) -> None:
+    """422 `invalid_labels` unless `labels` is None or one string of at most `MAX_LABEL_CHARS`
+    per feature."""
+    if labels is None:
+        return
+    if len(labels) != n_features:
+        raise InvalidInput(
+            f"labels has {len(labels)} entries; it needs one per feature (n_features={n_features})",
+            code="invalid_labels",
+        )
+    for index, label in enumerate(labels):
+        if not isinstance(label, str) or len(label) > MAX_LABEL_CHARS:
+            raise InvalidInput(
+                f"label {index} must be a string of at most {MAX_LABEL_CHARS} characters",
+                code="invalid_labels",
+            )
+
+
+def check_metadata(metadata: dict) -> None:
+    """422 `invalid_metadata` unless `metadata` is a JSON object nested at most
+    `MAX_METADATA_DEPTH` deep that renders (orjson, as the API does) in at most
+    `MAX_METADATA_BYTES`: whatever is stored can be listed."""
+    if not isinstance(metadata, dict):
+        raise InvalidInput("metadata must be a JSON object", code="invalid_metadata")
+    level, depth = [metadata], 1
+    while level:
+        if depth > MAX_METADATA_DEPTH:
+            raise InvalidInput(
+                f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep; flatten it",
+                code="invalid_metadata",
+            )
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, dict | list)
+        ]
+        depth += 1
+    try:
+        size = len(orjson.dumps(metadata))
+    except TypeError as error:  # orjson.JSONEncodeError: integers past 64 bits, surrogates, ...
+        raise InvalidInput(
+            f"metadata cannot be rendered as JSON ({error})", code="invalid_metadata"
+        ) from None
+    if size > MAX_METADATA_BYTES:
+        raise InvalidInput(
+            f"metadata takes {size} bytes as JSON; at most {MAX_METADATA_BYTES} are kept",
+            code="invalid_metadata",
+        )

@@ -6,15 +6,37 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
-Vector = list[float]
-Matrix = list[Vector]
+Vector = Annotated[list[float], Field(min_length=1)]
+Matrix = Annotated[list[Vector], Field(min_length=1)]
+STRICT = ConfigDict(extra="forbid", strict=True)
+"""Request bodies: unknown fields refused, and no coercion (`true` or `"8"` is not a number,
+`"yes"` is not a boolean; integers are accepted as floats)."""
 
 
-class DictionaryCreate(BaseModel):
+class DictionaryAttributes(BaseModel):
+    """What a registration says besides its arrays; JSON registrations validate these fields
+    with pydantic and read `directions` and `bias` as arrays (`formats.json_array`)."""
+
+    model_config = STRICT
+
+    name: str = Field(
+        description="Unique alias: a letter, then at most 127 letters, digits, '.', '_', '-'.",
+        json_schema_extra={"pattern": "^[A-Za-z][A-Za-z0-9._-]{0,127}$"},  # checked: registry
+    )
+    labels: list[str] | None = Field(
+        None, description="One label per feature, each at most 256 characters."
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Free-form JSON object, nested at most 8 levels deep, at most 64 KiB as JSON.",
+    )
+
+
+class DictionaryCreate(DictionaryAttributes):
     """Register feature directions (one row per feature) under a unique name."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        **STRICT,
         json_schema_extra={
             "examples": [
                 {
@@ -27,11 +49,8 @@ class DictionaryCreate(BaseModel):
         },
     )
 
-    name: str = Field(description="Unique alias: a letter, then letters, digits, '.', '_', '-'.")
     directions: Matrix = Field(description="Feature directions of shape (n_features, d_model).")
     bias: Vector | None = Field(None, description="Decoder bias of shape (d_model,).")
-    labels: list[str] | None = Field(None, description="One label per feature.")
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Free-form metadata.")
 
 
 class NormsSummary(BaseModel):
@@ -78,7 +97,7 @@ class DictionaryList(BaseModel):
 class UnfoldOptions(BaseModel):
     """What to return, shared by every method."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     output: Literal["sparse", "dense"] = Field(
         "sparse", description="Per-row indices/values (and labels), or dense (batch, n_features)."

@@ -3,7 +3,10 @@
 Layout: ``<data_dir>/dictionaries/<id>/{manifest.json, arrays.safetensors}``. A dictionary is
 written into a private temporary folder (`stage`: files fsynced), then renamed into place in
 one step (`commit`), so a crash mid-write never leaves a partial dictionary visible. The id is a
-hash of the arrays, checked again on every load.
+hash of the arrays, checked again on every load; the arrays file's safetensors `__metadata__`
+records the sha256 of `manifest.json` (`MANIFEST_DIGEST`), so the manifest (name, labels,
+metadata) is checked on every load too. A dictionary that fails either check is logged and
+skipped; one stored before manifests had a digest is loaded, and logged.
 
 Arrays are written and hashed a block of rows at a time and read back through memory maps, so
 a dictionary of any size costs a block of memory here, not its size.
@@ -18,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +38,10 @@ MANIFEST = "manifest.json"
 ARRAYS = "arrays.safetensors"
 BLOCK_BYTES = 64 << 20
 """Arrays are converted, hashed and written this many bytes of rows at a time."""
+MANIFEST_DIGEST = "manifest_sha256"
+"""Key of the manifest's sha256 (hex) in the arrays file's safetensors `__metadata__`.
+`stage` writes a placeholder of the same length, which `commit` overwrites in place."""
+DIGEST_PLACEHOLDER = "0" * 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +138,7 @@ class DictionaryStore:
             }
             digest = _digest(directions.shape)
             with open(path, "wb") as file:
-                file.write(safetensors_header(layout))
+                file.write(safetensors_header(layout, {MANIFEST_DIGEST: DIGEST_PLACEHOLDER}))
                 for block in row_blocks(directions):
                     digest.update(block.data)
                     file.write(block.data)
@@ -151,9 +159,9 @@ class DictionaryStore:
         final = self.root / record.id
         try:
             if not final.exists():
-                (staged.folder / MANIFEST).write_bytes(
-                    json.dumps(record.manifest(), indent=1).encode()
-                )
+                manifest = json.dumps(record.manifest(), indent=1).encode()
+                (staged.folder / MANIFEST).write_bytes(manifest)
+                _record_digest(staged.folder / ARRAYS, hashlib.sha256(manifest).hexdigest())
                 for name in (ARRAYS, MANIFEST):
                     _fsync(staged.folder / name)
                 _fsync(staged.folder)
@@ -186,7 +194,8 @@ class DictionaryStore:
         shutil.rmtree(doomed, ignore_errors=True)
 
     def load_all(self) -> Iterator[DictionaryRecord]:
-        """Every stored dictionary whose arrays still match its id; others are logged, skipped."""
+        """Every stored dictionary whose arrays still match its id and whose manifest matches its
+        digest; others are logged, skipped."""
         for folder in sorted(self.root.iterdir()):
             try:
                 yield self.load(folder)
@@ -194,9 +203,18 @@ class DictionaryStore:
                 log.error("skipping damaged dictionary %s: %s", folder.name, error)
 
     def load(self, folder: Path) -> DictionaryRecord:
-        manifest = json.loads((folder / MANIFEST).read_bytes())
-        arrays = read_arrays(folder / ARRAYS)
-        directions, bias = arrays["directions"], arrays.get("bias")
+        """The dictionary stored in `folder`; ValueError when its arrays or its manifest do not
+        match what was stored."""
+        text = (folder / MANIFEST).read_bytes()
+        tensors = SafetensorsFile(map_file(folder / ARRAYS), str(folder / ARRAYS))
+        recorded = tensors.metadata.get(MANIFEST_DIGEST)
+        if recorded is None:
+            log.warning("dictionary %s predates manifest digests: manifest unchecked", folder.name)
+        elif recorded != hashlib.sha256(text).hexdigest():
+            raise ValueError(f"{MANIFEST} does not match the digest recorded with the arrays")
+        manifest = json.loads(text)
+        directions = tensors.array("directions")
+        bias = tensors.array("bias") if "bias" in tensors.tensors else None
         actual = content_id(directions, bias)
         if actual != manifest["id"] or folder.name != actual:
             raise ValueError(f"content hash {actual} does not match id {manifest['id']}")
@@ -215,6 +233,19 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a stored arrays file, as read-only views of its memory map."""
     tensors = SafetensorsFile(map_file(path), str(path))
     return {name: tensors.array(name) for name in tensors.tensors}
+
+
+def _record_digest(path: Path, digest: str) -> None:
+    """Overwrite the placeholder `stage` wrote in the header of arrays file `path` with the
+    manifest's `digest` (same length: nothing moves)."""
+    placeholder = f'"{MANIFEST_DIGEST}":"{DIGEST_PLACEHOLDER}"'.encode()
+    with open(path, "r+b") as file:
+        (size,) = struct.unpack("<Q", file.read(8))
+        position = file.read(size).find(placeholder)
+        if position < 0:
+            raise ValueError(f"{path} has no manifest digest placeholder")
+        file.seek(8 + position + len(placeholder) - len(DIGEST_PLACEHOLDER) - 1)
+        file.write(digest.encode())
 
 
 def _fsync(path: Path) -> None:

@@ -10,19 +10,27 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import TypeAdapter, ValidationError
 
 import solvers
 
 from .batching import Batcher
 from .errors import InvalidInput, describe_validation_errors
-from .formats import NPY, SAFETENSORS, read_npy, write_npy, write_safetensors
+from .formats import (
+    NPY,
+    SAFETENSORS,
+    json_array,
+    read_npy,
+    too_many_rows,
+    write_npy,
+    write_safetensors,
+)
 from .programs import Programs
 from .registry import Entry
 from .responses import JSONResponse
-from .schemas import UnfoldParams, UnfoldRequest
+from .schemas import UnfoldParams
 
-REQUEST_ADAPTER = TypeAdapter(UnfoldRequest)
 PARAMS_ADAPTER = TypeAdapter(UnfoldParams)
 QUERY_PARAMS = (
     "method",
@@ -49,23 +57,21 @@ def validate(schema, data: Any):
         ) from None
 
 
-async def parse_request(request: Request, d_model: int) -> tuple[np.ndarray, Any]:
+async def parse_request(request: Request, d_model: int, max_rows: int) -> tuple[np.ndarray, Any]:
     """Activations (batch, d_model) float32 and the validated params, from a JSON body or
-    an `.npy` body with the params in the query string."""
+    an `.npy` body with the params in the query string.
+
+    More than `max_rows` rows is a 422 `too_many_rows`, found before the rows are converted
+    (from the `.npy` header; from the JSON list's length). Bodies over `OFFLOAD_BYTES` are
+    parsed on a worker thread: the event loop serves other requests meanwhile.
+    """
     body = await request.body()
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     if content_type == NPY:
-        query = dict(request.query_params)
-        unknown = sorted(set(query) - set(QUERY_PARAMS))
-        if unknown:
-            raise InvalidInput(
-                f"unknown query parameter(s) {unknown}; use {list(QUERY_PARAMS)}",
-                code="invalid_request",
-            )
-        # A query string has no null: "null" or an empty value stands for it (e.g. k=null).
-        query = {key: None if value in ("", "null") else value for key, value in query.items()}
-        params = validate(PARAMS_ADAPTER, query)
-        return activations_array(read_npy(body, "activations"), d_model), params
+        query = query_values(request, QUERY_PARAMS)
+        params = validate(PARAMS_ADAPTER, {key: json_scalar(v) for key, v in query.items()})
+        activations = await off_loop(len(body), _npy_activations, body, d_model, max_rows)
+        return activations, params
     if content_type not in ("application/json", ""):
         raise InvalidInput(
             f"unsupported Content-Type {content_type!r}; send application/json or {NPY}",
@@ -79,35 +85,98 @@ async def parse_request(request: Request, d_model: int) -> tuple[np.ndarray, Any
             "with a JSON body, put them in the JSON object",
             code="invalid_request",
         )
+    return await off_loop(len(body), _json_request, body, d_model, max_rows)
+
+
+OFFLOAD_BYTES = 1 << 20
+"""Request bodies larger than this are parsed on a worker thread (`off_loop`)."""
+
+
+async def off_loop(size: int, function, *args):
+    """`function(*args)`, on a worker thread when `size` (bytes to parse) passes
+    `OFFLOAD_BYTES`. Parsing there lets the event loop run between the parser's steps: numpy's
+    conversions and zlib release the interpreter, and JSON arrays are checked a block at a
+    time (`formats.json_array`). One step still holds it throughout: `orjson.loads` of the
+    whole body (about 0.25 s for 40 MB on one core; bodies are at most UNFOLD_MAX_BODY_BYTES)."""
+    if size > OFFLOAD_BYTES:
+        return await run_in_threadpool(function, *args)
+    return function(*args)
+
+
+def _npy_activations(body: bytes, d_model: int, max_rows: int) -> np.ndarray:
+    return activations_array(read_npy(body, "activations", max_rows), d_model)
+
+
+def _json_request(body: bytes, d_model: int, max_rows: int) -> tuple[np.ndarray, Any]:
+    data = parse_json_object(body)
+    activations = data.pop("activations", None)
+    if activations is None:
+        raise InvalidInput(
+            "activations: Field required (one vector (d_model,) or a batch (batch, d_model))",
+            code="invalid_request",
+        )
+    if isinstance(activations, list) and activations and isinstance(activations[0], list):
+        check_rows(len(activations), max_rows)
+    params = validate(PARAMS_ADAPTER, data)
+    return activations_array(activations, d_model), params
+
+
+def parse_json_object(body: bytes) -> dict:
+    """The JSON object of a request body; anything else is a 422 `invalid_request`."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise InvalidInput(f"body is not valid JSON: {error}", code="invalid_request") from None
     if not isinstance(data, dict):
         raise InvalidInput("body must be a JSON object", code="invalid_request")
-    request_model = validate(REQUEST_ADAPTER, data)
-    return activations_array(request_model.activations, d_model), request_model
+    return data
 
 
-def check_rows(activations: np.ndarray, max_rows: int) -> None:
-    if activations.shape[0] > max_rows:
+def query_values(request: Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query string as a dict; a parameter not in `allowed`, or given twice, is a 422
+    `invalid_request` (never silently ignored, nor one of two values taken)."""
+    items = request.query_params.multi_items()
+    query = dict(items)
+    unknown = sorted(set(query) - set(allowed))
+    if unknown:
         raise InvalidInput(
-            f"{activations.shape[0]} rows exceed the limit of {max_rows} per request; "
-            "split the batch",
-            code="too_many_rows",
+            f"unknown query parameter(s) {unknown}; use {list(allowed)}", code="invalid_request"
         )
+    if len(query) != len(items):
+        repeated = sorted({key for key, _ in items if [k for k, _ in items].count(key) > 1})
+        raise InvalidInput(
+            f"query parameter(s) {repeated} given more than once; give each at most once",
+            code="invalid_request",
+        )
+    return query
+
+
+def json_scalar(text: str):
+    """A query value as the JSON scalar it spells (`8`, `0.5`, `true`, `null`), else the
+    string itself; empty stands for null (e.g. `k=` or `k=null`: no k). Validation is then as
+    strict as for a JSON body: `k=true` is not a number, `positive=yes` not a boolean."""
+    if text == "":
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    return value if value is None or isinstance(value, bool | int | float) else text
+
+
+def check_rows(rows: int, max_rows: int) -> None:
+    if rows > max_rows:
+        raise too_many_rows(rows, max_rows)
 
 
 def activations_array(values, d_model: int) -> np.ndarray:
-    """Activations as float32 (batch, d_model); a single (d_model,) vector is one row."""
-    try:
+    """Activations as float32 (batch, d_model) from a real array or JSON numbers
+    (`formats.json_array`: strictly numbers); a single (d_model,) vector is one row."""
+    if isinstance(values, np.ndarray):
         with np.errstate(over="ignore"):  # beyond float32 range becomes Inf: refused below
-            array = np.asarray(values, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise InvalidInput(
-            "activations must be a list of numbers or a list of equally long lists of numbers",
-            code="invalid_shape",
-        ) from None
+            array = values.astype(np.float32, copy=False)
+    else:
+        array = json_array(values, "activations", shape_code="invalid_shape")
     if array.ndim not in (1, 2) or array.shape[-1] != d_model:
         raise InvalidInput(
             f"activations have shape {list(array.shape)}; this dictionary needs "

@@ -28,10 +28,14 @@ from ._plan import DEFAULT_BLOCK_ROWS, Plan, plan_for
 from ._result import STATUS_MESSAGES, Solution, Status, UnfoldResult
 from ._validation import check_dictionary, validate_dictionary
 
+MAX_ITER_LIMITS = {cls.name: cls.max_iter_limit for cls in (ISTA, FISTA, Lasso)}
+"""The largest `max_iter` each method accepts."""
+
 __all__ = [
     "DEFAULT_BLOCK_ROWS",
     "FISTA",
     "ISTA",
+    "MAX_ITER_LIMITS",
     "METHODS",
     "Lasso",
     "OMP",

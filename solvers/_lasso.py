@@ -118,6 +118,8 @@ class _L1Settings:
 
     name: ClassVar[str] = "lasso"
     default_max_iter: ClassVar[int] = 1000
+    max_iter_limit: ClassVar[int] = 100_000
+    """The largest `max_iter` accepted (`MAX_ITER_LIMITS`): work per request stays bounded."""
     uses_correlations: ClassVar[bool] = True
     """`solve` accepts ``correlations = x @ atoms.T`` computed for a whole block at once."""
 
@@ -146,7 +148,7 @@ class _L1Settings:
             tol=1e-6 if tol is None else check_nonnegative("tol", tol),
             max_iter=cls.default_max_iter
             if max_iter is None
-            else check_positive_int("max_iter", max_iter),
+            else check_positive_int("max_iter", max_iter, upper=cls.max_iter_limit),
             positive=_check_bool("positive", positive),
             max_nonzero=width
             if max_nonzero is None
@@ -159,6 +161,7 @@ class ISTA(_L1Settings):
     """Proximal gradient descent (ISTA) on the LASSO objective; see `_L1Settings`."""
 
     name: ClassVar[str] = "ista"
+    max_iter_limit: ClassVar[int] = 1_000_000  # scikit-learn's float64 answers need 2e5 steps
 
     def solve(
         self, dictionary: Dictionary, x: jax.Array, correlations=None, plan=None

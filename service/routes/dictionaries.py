@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import memory, unfolding
 from ..batching import warmup
@@ -21,21 +22,25 @@ from ..formats import (
     SafetensorsFile,
     converted,
     dictionary_arrays,
+    json_array,
     map_file,
     open_npy,
 )
 from ..registry import Entry
 from ..schemas import (
+    DictionaryAttributes,
     DictionaryCreate,
     DictionaryInfo,
     DictionaryList,
     Placement,
+    UnfoldRequest,
     UnfoldResponse,
     openapi_body,
 )
 from ..uploads import check_disk, read_capped, spooled
 from ._direct import DirectRoute
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/dictionaries", tags=["dictionaries"])
 
 NOT_FOUND = {404: {"description": "No dictionary with that id or name"}}
@@ -80,20 +85,10 @@ async def read_registration(request: Request, settings) -> dict:
     staging = request.app.state.registry.store.staging
     if content_type == "application/json":
         body = await read_capped(request, settings.max_body_bytes, JSON_ADVICE)
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as error:
-            raise InvalidInput(f"body is not valid JSON: {error}", code="invalid_request") from None
-        body = unfolding.validate(DictionaryCreate, data)
-        return {
-            "name": body.name,
-            "directions": _matrix(body.directions),
-            "bias": body.bias,
-            "labels": body.labels,
-            "metadata": body.metadata,
-        }
+        return await unfolding.off_loop(len(body), _json_registration, body)
     if content_type in (NPY, SAFETENSORS):
-        query = request.query_params
+        allowed = ("name",) if content_type == NPY else ("name", "tensor", "bias_tensor")
+        query = unfolding.query_values(request, allowed)
         name = query.get("name")
         if not name:
             raise InvalidInput("give the dictionary a name: ?name=...", code="invalid_request")
@@ -114,30 +109,64 @@ async def read_registration(request: Request, settings) -> dict:
     )
 
 
+def _json_registration(body: bytes) -> dict:
+    data = unfolding.parse_json_object(body)
+    directions, bias = data.pop("directions", None), data.pop("bias", None)
+    fields = unfolding.validate(DictionaryAttributes, data)
+    if directions is None:
+        raise InvalidInput(
+            "directions: Field required (a list of rows, (n_features, d_model))",
+            code="invalid_request",
+        )
+    return {
+        "name": fields.name,
+        "directions": json_array(directions, "directions", shape_code="invalid_dictionary"),
+        "bias": None if bias is None else json_array(bias, "bias", shape_code="invalid_dictionary"),
+        "labels": fields.labels,
+        "metadata": fields.metadata,
+    }
+
+
+MULTIPART_TEXT = ("name", "tensor", "bias_tensor")
+MULTIPART_FILES = ("file",)
+MULTIPART_FIELDS = (*MULTIPART_TEXT, *MULTIPART_FILES, "cfg")
+
+
 async def _read_multipart(request: Request) -> dict:
-    form = await request.form()
+    try:
+        form = await request.form()
+    except StarletteHTTPException as error:  # the multipart parser's refusals (400)
+        raise InvalidInput(
+            f"the multipart body cannot be read: {error.detail}", code="invalid_multipart"
+        ) from None
+    unknown = sorted(set(form) - set(MULTIPART_FIELDS))
+    repeated = sorted(key for key in set(form) if len(form.getlist(key)) > 1)
+    if unknown or repeated:
+        raise InvalidInput(
+            f"multipart field(s) {unknown or repeated} "
+            + ("unknown" if unknown else "given more than once")
+            + f"; send each of {list(MULTIPART_FIELDS)} at most once",
+            code="invalid_request",
+        )
+    for key in MULTIPART_TEXT:
+        if isinstance(form.get(key), UploadFile):
+            raise InvalidInput(f"`{key}` must be a text field, not a file", code="invalid_request")
     upload = form.get("file")
     name = form.get("name")
-    if not isinstance(upload, UploadFile) or not isinstance(name, str) or not name:
+    if not isinstance(upload, UploadFile) or not name:
         raise InvalidInput(
             "multipart registration needs a `file` part (safetensors) and a `name` field",
             code="invalid_request",
         )
     file = SafetensorsFile(await run_in_threadpool(map_file, upload.file), "file")
+    # cfg.json as a file part or as a text field: either is read and checked the same way.
     config = form.get("cfg")
-    config = await config.read() if isinstance(config, UploadFile) else None
+    if isinstance(config, UploadFile):
+        config = await config.read()
+    elif isinstance(config, str):
+        config = config.encode()
     arrays = dictionary_arrays(file, form.get("tensor"), form.get("bias_tensor"), config)
     return {"name": name, **arrays}
-
-
-def _matrix(rows: list[list[float]]) -> np.ndarray:
-    try:
-        return np.asarray(rows, dtype=np.float32)
-    except ValueError:
-        raise InvalidInput(
-            "directions must be a list of equally long lists of numbers",
-            code="invalid_dictionary",
-        ) from None
 
 
 @router.post(
@@ -179,9 +208,18 @@ async def create_dictionary(request: Request, registry: RegistryDep, settings: S
     )
 
 
-@router.get("", summary="List dictionaries")
-async def list_dictionaries(registry: RegistryDep) -> DictionaryList:
-    return DictionaryList(dictionaries=[describe(e) for e in registry.entries()])
+@router.get("", summary="List dictionaries", response_model=DictionaryList)
+async def list_dictionaries(registry: RegistryDep) -> Response:
+    # Each entry is rendered on its own: one that cannot be (a stored manifest written before
+    # metadata was limited) is logged and left out, instead of failing the list for everyone.
+    rendered = []
+    for entry in registry.entries():
+        try:
+            rendered.append(orjson.dumps(describe(entry).model_dump(mode="json")))
+        except Exception:
+            log.exception("dictionary %s cannot be rendered; left out of the list", entry.record.id)
+    body = b'{"dictionaries":[' + b",".join(rendered) + b"]}"
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{ref}", summary="One dictionary, by id or name", responses=NOT_FOUND)
@@ -200,8 +238,9 @@ async def delete_dictionary(ref: str, registry: RegistryDep) -> Response:
 async def unfold(request: Request, ref: str) -> Response:
     state = request.app.state
     entry = state.registry.get(ref)
-    activations, params = await unfolding.parse_request(request, entry.record.d_model)
-    unfolding.check_rows(activations, state.settings.max_rows)
+    activations, params = await unfolding.parse_request(
+        request, entry.record.d_model, state.settings.max_rows
+    )
     nbytes = memory.request_bytes(
         activations.shape[0],
         entry.record.d_model,
@@ -233,7 +272,7 @@ router.add_api_route(
         },
     },
     openapi_extra=openapi_body(
-        unfolding.UnfoldRequest,
+        UnfoldRequest,
         {NPY: "Activations (batch, d_model) float32; the parameters in the query string"},
     ),
 )

@@ -8,8 +8,10 @@ paths with a 404 in the same format. The wire format itself lives in `service/oi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -17,7 +19,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import memory, oip, unfolding
 from ..dependencies import BatcherDep, RegistryDep, SettingsDep
-from ..errors import NotFound, NotReady, UnfoldError, describe_validation_errors
+from ..errors import (
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    UnfoldError,
+    allowed_methods,
+    describe_validation_errors,
+)
 from ..responses import JSONResponse
 
 
@@ -105,12 +114,12 @@ INFER_DOC = {
                 "example": {
                     "id": "42",
                     "parameters": {"method": "omp", "k": 2},
-                    "inputs": [
+                    "inputs": [  # the demo dictionary's width: 0.6 basis_0 + 0.8 basis_1
                         {
                             "name": "activations",
-                            "shape": [1, 4],
+                            "shape": [1, 16],
                             "datatype": "FP32",
-                            "data": [0.6, 0.8, 0, 0],
+                            "data": [0.6, 0.8] + [0.0] * 14,
                         }
                     ],
                     "outputs": [{"name": "indices"}, {"name": "values"}],
@@ -148,14 +157,18 @@ async def infer(
 ) -> Response:
     entry = registry.get(model)
     oip.check_version(entry, version)
-    body = oip.decompress(
-        await request.body(),
-        request.headers.get("content-encoding"),
-        settings.max_body_bytes or None,
-    )
-    decoded = oip.decode_infer_request(body, request.headers.get(oip.HEADER_LENGTH))
-    activations = unfolding.activations_array(decoded.activations, entry.record.d_model)
-    unfolding.check_rows(activations, settings.max_rows)
+    body = await request.body()
+    encoding = oip.content_encoding(request.headers.get("content-encoding"))
+    header_length = request.headers.get(oip.HEADER_LENGTH)
+
+    def parse() -> tuple[oip.InferRequest, np.ndarray]:
+        expanded = oip.decompress(body, encoding, settings.max_body_bytes)
+        decoded = oip.decode_infer_request(expanded, header_length, settings.max_rows)
+        return decoded, unfolding.activations_array(decoded.activations, entry.record.d_model)
+
+    # A compressed body's expanded size is unknown until it is expanded: off the loop too.
+    size = len(body) if encoding == "identity" else math.inf
+    decoded, activations = await unfolding.off_loop(size, parse)
     nbytes = memory.request_bytes(
         activations.shape[0],
         entry.record.d_model,
@@ -179,11 +192,15 @@ async def infer(
 
 @router.api_route(
     "/{path:path}",
-    methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"],
+    methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"],
     include_in_schema=False,
 )
 async def unknown(path: str, request: Request) -> Response:
-    """Anything else under /v2 (model repository, config, statistics, ...): a protocol 404."""
+    """A path of this protocol with another method: 405 with the methods it has in `Allow`;
+    anything else under /v2 (model repository, config, statistics, ...): a protocol 404."""
+    allow = allowed_methods(request.app.routes, request.scope)
+    if allow:
+        raise MethodNotAllowed(request.method, request.url.path, allow)
     raise NotFound(
         f"no route {request.method} /v2/{path}; this server implements /v2, /v2/health/live, "
         "/v2/health/ready, /v2/models/{model}[/versions/{version}][/ready|/infer]"

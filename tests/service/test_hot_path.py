@@ -70,11 +70,9 @@ def test_an_unexpected_error_on_the_direct_route_is_a_500_and_counted(tmp_path, 
 
 def test_solver_settings_are_remembered_per_dictionary_and_parameters(client):
     entry = client.app.state.registry.get("demo")
-    first = unfolding.validate(unfolding.REQUEST_ADAPTER, {"activations": ACTIVATION, "k": 2})
-    again = unfolding.validate(
-        unfolding.REQUEST_ADAPTER, {"activations": [0.0] * 16, "k": 2, "top": 1}
-    )
-    other = unfolding.validate(unfolding.REQUEST_ADAPTER, {"activations": ACTIVATION, "k": 3})
+    first = unfolding.validate(unfolding.PARAMS_ADAPTER, {"k": 2})
+    again = unfolding.validate(unfolding.PARAMS_ADAPTER, {"k": 2, "top": 1})
+    other = unfolding.validate(unfolding.PARAMS_ADAPTER, {"k": 3})
     settings = unfolding.solver_settings(entry, first)
     assert settings == solvers.make_settings("omp", entry.prepared, k=2)
     assert unfolding.solver_settings(entry, again) is settings  # output options do not count
