@@ -14,7 +14,9 @@ a dictionary of any size costs a block of memory here, not its size.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InsufficientStorage
 from .formats import SafetensorsFile, map_file, safetensors_header
 
 log = logging.getLogger(__name__)
@@ -126,7 +129,8 @@ class DictionaryStore:
         """Write `directions` (n_features, d_model) and `bias` (d_model,) as float32, a block
         of rows at a time (any float input dtype; memory maps are read block by block), into a
         new staging folder; the caller `commit`s or `discard`s it."""
-        folder = Path(tempfile.mkdtemp(dir=self.staging, prefix="stage."))
+        with disk_full_is_507():
+            folder = Path(tempfile.mkdtemp(dir=self.staging, prefix="stage."))
         try:
             path = folder / ARRAYS
             shapes = {"directions": directions.shape}
@@ -149,8 +153,10 @@ class DictionaryStore:
                     file.write(bias_bytes)
             arrays = read_arrays(path)
             return Staged(digest.hexdigest()[:24], folder, arrays["directions"], arrays.get("bias"))
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+                raise disk_full() from None
             raise
 
     def commit(self, staged: Staged, record: DictionaryRecord) -> DictionaryRecord:
@@ -160,7 +166,8 @@ class DictionaryStore:
         try:
             if not final.exists():
                 manifest = json.dumps(record.manifest(), indent=1).encode()
-                (staged.folder / MANIFEST).write_bytes(manifest)
+                with disk_full_is_507():
+                    (staged.folder / MANIFEST).write_bytes(manifest)
                 _record_digest(staged.folder / ARRAYS, hashlib.sha256(manifest).hexdigest())
                 for name in (ARRAYS, MANIFEST):
                     _fsync(staged.folder / name)
@@ -254,3 +261,21 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def disk_full() -> InsufficientStorage:
+    return InsufficientStorage(
+        "the data directory's disk is full; free some disk space, or send only the decoder "
+        "(W_dec, b_dec)"
+    )
+
+
+@contextlib.contextmanager
+def disk_full_is_507() -> Iterator[None]:
+    """A full disk (ENOSPC) inside the scope is 507 `insufficient_storage`."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise disk_full() from None
+        raise
