@@ -177,6 +177,8 @@ def openapi_with_body_definitions(app: FastAPI) -> dict:
                 schemas.update(operation.pop("x-definitions", {}))
                 if keys and path in PUBLIC_PATHS:
                     operation["security"] = []  # the health probes need no key
+                elif keys:
+                    operation.setdefault("responses", {}).setdefault("401", UNAUTHORIZED)
         if keys:
             components["securitySchemes"] = {BEARER: BEARER_SCHEME}
             schema["security"] = [{BEARER: []}]  # every other operation
@@ -184,6 +186,7 @@ def openapi_with_body_definitions(app: FastAPI) -> dict:
     return app.openapi_schema
 
 
+UNAUTHORIZED = {"description": "No API key, or a wrong one (`WWW-Authenticate: Bearer`)"}
 BEARER = "apiKey"
 BEARER_SCHEME = {
     "type": "http",
