@@ -205,8 +205,9 @@ class UnfoldResponse(BaseModel):
     l0: list[int] = Field(description="Non-zero codes per row (before `top`).")
     n_iter: list[int]
     status: list[int] = Field(
-        description="0 converged, 1 max_iter, 2 exact, 3 dependent, 4 no positive correlation, "
-        "5 more non-zeros than max_nonzero"
+        description="0 converged (tolerance met), 1 max_iter, 2 exact, 3 dependent, "
+        "4 no positive correlation, 5 more non-zeros than max_nonzero, "
+        "6 k reached (OMP: k atoms selected, residual above tol)"
     )
     messages: list[str]
     duality_gap: list[float | None] = Field(description="LASSO methods; null for OMP.")

@@ -12,6 +12,15 @@ Inside your own jitted code: ``solvers.solve(settings, prepared, x)`` (device ar
 """
 
 from ._api import METHODS, make_settings, solve, unfold
+from ._certify import Certificate, certify
+from ._diagnostics import (
+    Coherence,
+    RecoveryCurve,
+    coherence,
+    l1_transition,
+    recovery_curve,
+    welch_bound,
+)
 from ._dictionary import (
     Dictionary,
     PathChoice,
@@ -40,6 +49,9 @@ __all__ = [
     "Lasso",
     "OMP",
     "STATUS_MESSAGES",
+    "Certificate",
+    "Coherence",
+    "RecoveryCurve",
     "Dictionary",
     "PathChoice",
     "Plan",
@@ -47,7 +59,12 @@ __all__ = [
     "Status",
     "UnfoldResult",
     "available_bytes",
+    "certify",
     "check_dictionary",
+    "coherence",
+    "l1_transition",
+    "recovery_curve",
+    "welch_bound",
     "choose_path",
     "default_scan",
     "footprint",

@@ -12,7 +12,7 @@ A method gives a `step` and a `terminate` over its batched state (a NamedTuple o
 
 Rows stop once and for all (their first stop code is kept); the loop ends when every row has
 stopped or after `max_steps` steps. `final_status` turns the codes into `Status`, with the one
-the method names for rows still running at the end (OMP: `k` atoms reached, CONVERGED; LASSO
+the method names for rows still running at the end (OMP: `k` atoms reached, K_REACHED; LASSO
 methods: the budget ran out, MAX_ITER).
 """
 

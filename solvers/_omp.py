@@ -354,7 +354,7 @@ def solve_omp(
         indices=state.indices,
         values=jnp.where(state.indices >= 0, values, 0.0),
         n_iter=n_iter,
-        status=final_status(stop, Status.CONVERGED),
+        status=final_status(stop, Status.K_REACHED),
         duality_gap=jnp.full((batch,), jnp.nan, dtype),
     )
 
@@ -514,12 +514,16 @@ def solve_nnomp(
 
     def terminate(s: NNOMPState) -> jax.Array:
         """A step that added no atom stops its row (`failure`); a residual at rounding level
-        (EXACT) or at `tol`, or `k` atoms in the support (CONVERGED), too."""
+        (EXACT) or at `tol` (CONVERGED), or `k` atoms in the support (K_REACHED), too."""
         full = jnp.sum(s.active, axis=1) >= k
         met = jnp.where(
             s.residual_sq <= exact_sq,
             stop_code(Status.EXACT),
-            jnp.where(full | (s.residual_sq <= tol_sq), stop_code(Status.CONVERGED), RUNNING),
+            jnp.where(
+                s.residual_sq <= tol_sq,
+                stop_code(Status.CONVERGED),
+                jnp.where(full, stop_code(Status.K_REACHED), RUNNING),
+            ),
         )
         return jnp.where(s.failure != RUNNING, s.failure, met)
 

@@ -13,7 +13,7 @@ class Status(enum.IntEnum):
     """Why a row's solve stopped. Codes are stable: the service reports them as integers."""
 
     CONVERGED = 0
-    """OMP: `k` atoms selected or the residual reached `tol`; LASSO: tolerance met."""
+    """The tolerance was met: OMP's residual reached `tol`; the LASSO methods' stopping rule."""
     MAX_ITER = 1
     """The iteration budget ran out before the tolerance was met."""
     EXACT = 2
@@ -24,10 +24,12 @@ class Status(enum.IntEnum):
     """Non-negative OMP: no atom correlates positively with the residual; stopped early."""
     TOO_MANY_NONZEROS = 5
     """LASSO methods: the codes need more non-zeros than `max_nonzero`; raise it."""
+    K_REACHED = 6
+    """OMP: `k` atoms selected with the residual still above `tol` (and above rounding)."""
 
 
 STATUS_MESSAGES: dict[int, str] = {
-    Status.CONVERGED: "converged",
+    Status.CONVERGED: "converged: the residual met the tolerance",
     Status.MAX_ITER: "maximum number of iterations reached before the tolerance was met",
     Status.EXACT: "residual is zero: the activation is fully explained",
     Status.DEPENDENT: "stopped early: the next atom is linearly dependent on the selected ones",
@@ -38,6 +40,7 @@ STATUS_MESSAGES: dict[int, str] = {
         "the codes have more non-zeros than max_nonzero (the smallest were dropped or the "
         "solve could not finish): raise max_nonzero"
     ),
+    Status.K_REACHED: "k atoms selected; a residual above tol is left (raise k to explain more)",
 }
 
 

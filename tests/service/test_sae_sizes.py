@@ -63,7 +63,7 @@ def test_a_gpt2_sized_sae_registers_and_unfolds_at_defaults(tmp_path, sae):
             result = client.unfold("gpt2-l8", activations)  # OMP, k=8
             assert result.indices.shape[0] == 4096
             assert np.median(result.relative_error) < 1e-3
-            assert np.isin(result.status, (0, 2)).mean() > 0.99  # converged, or exact
+            assert np.isin(result.status, (0, 2, 6)).mean() > 0.99  # converged, exact, k reached
 
             new_k = client.unfold("gpt2-l8", activations[:1024], k=48)  # compiled on the way
             assert np.median(new_k.relative_error) < 1e-3 and (new_k.l0 <= 48).all()

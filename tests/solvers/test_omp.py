@@ -73,6 +73,25 @@ def test_tol_stops_early_and_reports_residual():
     np.testing.assert_allclose(result.residual_norm, direct, atol=1e-5)
 
 
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("gram", [True, False], ids=["gram", "matrix-free"])
+def test_status_says_which_rule_stopped_each_row(gram, positive):
+    dictionary, _, activations = sparse_problem(300, 80, 3, 6, seed=9, positive=positive)
+    noisy = activations + 0.05 * np.random.default_rng(99).standard_normal(activations.shape)
+    x = np.concatenate([activations, noisy])
+    dictionary = solvers.prepare(dictionary, gram=gram)
+    exact = solvers.unfold(x, dictionary, k=12, positive=positive)
+    np.testing.assert_array_equal(exact.status[:3], Status.EXACT)
+    np.testing.assert_array_equal(exact.status[3:], Status.K_REACHED)  # noise left at k=12
+    short = solvers.unfold(x, dictionary, k=3, positive=positive)
+    np.testing.assert_array_equal(short.status, Status.K_REACHED)
+    np.testing.assert_array_equal(short.l0, 3)
+    met = solvers.unfold(noisy, dictionary, k=12, tol=1.0, positive=positive)
+    np.testing.assert_array_equal(met.status, Status.CONVERGED)
+    assert np.all(met.residual_norm <= 1.0) and np.all(met.l0 < 12)
+    assert "raise k" in short.messages()[0]
+
+
 def test_single_vector_and_zero_row():
     dictionary, _, activations = sparse_problem(200, 50, 3, 3, seed=5)
     batch = solvers.unfold(activations, dictionary, k=3)
