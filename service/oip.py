@@ -5,7 +5,7 @@ A model is a registered dictionary, named by its name or id; its one version is 
 id. It takes one input, `activations` of shape [batch, d_model] (or [d_model]); the solver
 method and its parameters travel in the request's `parameters`. It produces `codes` (dense,
 [batch, n_features]), the padded sparse codes `indices` and `values` ([batch, width]) and the
-per-row diagnostics.
+per-row diagnostics, and with the parameter ``certify: true`` the per-row certificates.
 
 Binary tensor data extension: when the `Inference-Header-Content-Length` header is present, the
 body is that many bytes of JSON followed by the binary tensors, in input order, each sized by
@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-
-import solvers
 
 from . import __version__, unfolding
 from .errors import InvalidInput, TooLarge
@@ -67,6 +65,14 @@ OUTPUTS: dict[str, str] = {
     "duality_gap": "FP32",
 }
 """Every output a model produces, in the order they are returned when none are requested."""
+CERTIFICATE_OUTPUTS: dict[str, str] = {
+    "certified": "BOOL",
+    "erc": "FP32",
+    "erc_margin": "FP32",
+    "support_stability": "FP32",
+}
+"""The outputs of a request with the parameter ``certify: true`` (returned after `OUTPUTS`
+when none are requested; NaN and infinities are null in JSON tensors)."""
 
 PROTOCOL_PARAMETERS = frozenset({"binary_data_output"})
 IGNORED_PARAMETERS = frozenset(
@@ -102,7 +108,7 @@ def model_metadata(entry: Entry) -> dict:
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, record.d_model]}],
         "outputs": [
             {"name": name, "datatype": datatype, "shape": shapes.get(name, [-1])}
-            for name, datatype in OUTPUTS.items()
+            for name, datatype in {**OUTPUTS, **CERTIFICATE_OUTPUTS}.items()
         ],
     }
 
@@ -207,11 +213,12 @@ def decode_infer_request(body: bytes, header_length: str | None, max_rows: int) 
     if not isinstance(binary_output, bool):
         raise bad("`binary_data_output` must be true or false")
     activations = _decode_inputs(request.get("inputs"), binary, max_rows)
+    params = _solver_params(parameters)
     return InferRequest(
         id=request_id,
         activations=activations,
-        params=_solver_params(parameters),
-        outputs=_requested_outputs(request.get("outputs")),
+        params=params,
+        outputs=_requested_outputs(request.get("outputs"), params.certify),
         binary_output=binary_output,
     )
 
@@ -327,16 +334,19 @@ def _solver_params(parameters: dict):
     return unfolding.validate(unfolding.PARAMS_ADAPTER, params)
 
 
-def _requested_outputs(outputs) -> tuple[RequestedOutput, ...]:
+def _requested_outputs(outputs, certify: bool) -> tuple[RequestedOutput, ...]:
+    produced = {**OUTPUTS, **CERTIFICATE_OUTPUTS} if certify else OUTPUTS
     if outputs is None:
-        return tuple(RequestedOutput(name, None) for name in OUTPUTS)
+        return tuple(RequestedOutput(name, None) for name in produced)
     if not isinstance(outputs, list):
         raise bad("`outputs` must be a list of {name, parameters}")
     requested, seen = [], set()
     for output in outputs:
         name = output.get("name") if isinstance(output, dict) else None
-        if name not in OUTPUTS:
-            raise bad(f"unknown output {name!r}; this model produces {list(OUTPUTS)}")
+        if name in CERTIFICATE_OUTPUTS and not certify:
+            raise bad(f"output {name!r} needs the request parameter `certify: true`")
+        if name not in produced:
+            raise bad(f"unknown output {name!r}; this model produces {list(produced)}")
         if name in seen:
             raise bad(f"output {name!r} is requested twice")
         seen.add(name)
@@ -355,22 +365,30 @@ def _requested_outputs(outputs) -> tuple[RequestedOutput, ...]:
 # Responses.
 
 
-def output_array(result: solvers.UnfoldResult, name: str) -> np.ndarray:
-    dtype = DATATYPES[OUTPUTS[name]]
-    array = result.to_dense() if name == "codes" else getattr(result, name)
-    return np.ascontiguousarray(array, dtype=dtype)
+def output_array(answer: unfolding.Answer, name: str) -> np.ndarray:
+    if name in CERTIFICATE_OUTPUTS:
+        array = getattr(answer.certificate, name)
+    elif name == "codes":
+        array = answer.result.to_dense()
+    else:
+        array = getattr(answer.result, name)
+    return np.ascontiguousarray(array, dtype=DATATYPES[datatype(name)])
+
+
+def datatype(output: str) -> str:
+    return OUTPUTS.get(output) or CERTIFICATE_OUTPUTS[output]
 
 
 def encode_infer_response(
-    model: Entry, request: InferRequest, result: solvers.UnfoldResult
+    model: Entry, request: InferRequest, answer: unfolding.Answer
 ) -> tuple[bytes, int | None]:
     """(body, JSON header length if binary outputs follow it, else None)."""
     outputs, chunks = [], []
     for output in request.outputs:
-        array = output_array(result, output.name)
+        array = output_array(answer, output.name)
         tensor: dict[str, Any] = {
             "name": output.name,
-            "datatype": OUTPUTS[output.name],
+            "datatype": datatype(output.name),
             "shape": list(array.shape),
         }
         binary = request.binary_output if output.binary is None else output.binary

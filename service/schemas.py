@@ -105,6 +105,12 @@ class UnfoldOptions(BaseModel):
     top: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Sparse output only: keep the `top` largest |values| of each row."
     )
+    certify: bool = Field(
+        False,
+        description="Add per-row certificates: `certified` (Tropp's exact recovery condition "
+        "on the found support), `erc`, `erc_margin` and `support_stability` (README: "
+        "Certificates).",
+    )
 
 
 class OMPParams(UnfoldOptions):
@@ -211,6 +217,21 @@ class UnfoldResponse(BaseModel):
     )
     messages: list[str]
     duality_gap: list[float | None] = Field(description="LASSO methods; null for OMP.")
+    certified: list[bool] | None = Field(
+        None, description="With certify: ERC(S) < 1 on the row's support S."
+    )
+    erc: list[float | None] | None = Field(
+        None,
+        description="With certify: max over atoms j outside S of ||pinv(D_S) d_j||_1 (unit "
+        "atoms); null when the support's atoms are linearly dependent.",
+    )
+    erc_margin: list[float | None] | None = Field(None, description="With certify: 1 - erc.")
+    support_stability: list[float | None] | None = Field(
+        None,
+        description="With certify: min |code| * ||d_i|| * sigma_min(D_S) / residual_norm; above "
+        "1, a change of the activation as large as the residual flips no code on S. Null for "
+        "an empty support or a zero residual.",
+    )
 
 
 def openapi_body(schema, binary: dict[str, str]) -> dict:

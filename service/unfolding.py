@@ -5,7 +5,7 @@ Routes stay thin: they call `parse_request`, `solve` and `render` from here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -42,8 +42,9 @@ QUERY_PARAMS = (
     "max_nonzero",
     "output",
     "top",
+    "certify",
 )
-OUTPUT_FIELDS = {"output", "top"}
+OUTPUT_FIELDS = {"output", "top", "certify"}
 
 
 def validate(schema, data: Any):
@@ -247,26 +248,39 @@ NOT_SOLVER_FIELDS = OUTPUT_FIELDS | {"activations", "method"}
 _SOLVER_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
-async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher):
+class Answer(NamedTuple):
+    """The codes of a request, and their certificates when it asked for them."""
+
+    result: solvers.UnfoldResult
+    certificate: solvers.Certificate | None
+
+
+async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher) -> Answer:
     """Codes of validated `activations` (batch, d_model) with validated `params`.
 
     Parameters are checked against the dictionary first, so a bad request is refused (422)
     before it can join a batch; then the rows go through the `batcher` (merged with concurrent
     requests of the same dictionary and settings when dynamic batching is on). The settings
-    are recorded as used (`Usage`: start-up warms the most used).
+    are recorded as used (`Usage`: start-up warms the most used). Certificates, when asked
+    for, are computed on a worker thread once the codes are in.
     """
     settings = solver_settings(entry, params)
     programs = batcher.programs
     programs.usage.record(entry.record.id, settings, activations.shape[0])
-    return await batcher.submit(
+    result = await batcher.submit(
         (entry.record.id, settings),
         activations,
         lambda rows: run(entry, rows, settings, programs),
     )
+    certificate = None
+    if params.certify:
+        certificate = await run_in_threadpool(solvers.certify, result, entry.prepared)
+    return Answer(result, certificate)
 
 
-def render(request: Request, entry: Entry, result: solvers.UnfoldResult, params) -> Response:
+def render(request: Request, entry: Entry, answer: Answer, params) -> Response:
     """The answer in the format the `Accept` header asks for (JSON by default)."""
+    result = answer.result
     accept = request.headers.get("accept", "")
     if NPY in accept:
         return Response(write_npy(result.to_dense().astype(np.float32)), media_type=NPY)
@@ -275,15 +289,27 @@ def render(request: Request, entry: Entry, result: solvers.UnfoldResult, params)
             "indices": result.indices.astype(np.int32),
             "values": result.values.astype(np.float32),
             **{name: np.asarray(getattr(result, name)) for name in DIAGNOSTICS},
+            **certificate_arrays(answer.certificate),
         }
         return Response(write_safetensors(tensors), media_type=SAFETENSORS)
-    return JSONResponse(response_body(result, params, entry.record.labels))
+    return JSONResponse(response_body(answer, params, entry.record.labels))
 
 
 DIAGNOSTICS = ("residual_norm", "relative_error", "l0", "n_iter", "status", "duality_gap")
 
 
-def response_body(result: solvers.UnfoldResult, params, labels: list[str] | None) -> dict:
+def certificate_arrays(certificate: solvers.Certificate | None) -> dict[str, np.ndarray]:
+    """The certificate's fields as arrays (float32, `certified` bool); none without one."""
+    if certificate is None:
+        return {}
+    return {
+        name: np.asarray(value, bool if name == "certified" else np.float32)
+        for name, value in certificate._asdict().items()
+    }
+
+
+def response_body(answer: Answer, params, labels: list[str] | None) -> dict:
+    result = answer.result
     body: dict[str, Any] = {}
     if params.output == "dense":
         body["dense"] = result.to_dense()
@@ -291,10 +317,16 @@ def response_body(result: solvers.UnfoldResult, params, labels: list[str] | None
         body["codes"] = sparse_codes(result, params.top, labels)
     for name in DIAGNOSTICS:
         body[name] = np.asarray(getattr(result, name))
-    gap = body["duality_gap"]
-    body["duality_gap"] = [None if np.isnan(g) else float(g) for g in gap]
+    body["duality_gap"] = finite_or_null(body["duality_gap"])
     body["messages"] = result.messages()
+    for name, value in certificate_arrays(answer.certificate).items():
+        body[name] = value.tolist() if name == "certified" else finite_or_null(value)
     return body
+
+
+def finite_or_null(values: np.ndarray) -> list[float | None]:
+    """JSON numbers, with None for NaN and infinities (JSON has neither)."""
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def sparse_codes(result: solvers.UnfoldResult, top: int | None, labels) -> list[dict]:

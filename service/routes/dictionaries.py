@@ -250,8 +250,8 @@ async def unfold(request: Request, ref: str) -> Response:
         advice=f"ask for sparse codes (JSON output=sparse, or Accept: {SAFETENSORS})",
     )
     with state.registry.budget.hold_request(nbytes, state.settings.retry_after_s):
-        result = await unfolding.solve(entry, activations, params, state.batcher)
-        return unfolding.render(request, entry, result, params)
+        answer = await unfolding.solve(entry, activations, params, state.batcher)
+        return unfolding.render(request, entry, answer, params)
 
 
 router.add_api_route(

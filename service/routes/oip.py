@@ -178,8 +178,8 @@ async def infer(
         advice="request the outputs indices and values instead of codes",
     )
     with registry.budget.hold_request(nbytes, settings.retry_after_s):
-        result = await unfolding.solve(entry, activations, decoded.params, batcher)
-        content, header_length = oip.encode_infer_response(entry, decoded, result)
+        answer = await unfolding.solve(entry, activations, decoded.params, batcher)
+        content, header_length = oip.encode_infer_response(entry, decoded, answer)
         content, encoding = oip.compress(content, request.headers.get("accept-encoding"))
     headers = {}
     if header_length is not None:
