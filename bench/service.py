@@ -79,6 +79,7 @@ def server(batching: bool, max_batch_size: int):
             "UNFOLD_DATA_DIR": data_dir,
             "UNFOLD_PORT": str(port),
             "UNFOLD_DEMO": "false",
+            "UNFOLD_REPORTS": "false",  # no background analysis beside the measured load
             "UNFOLD_BATCHING": str(batching).lower(),
             "UNFOLD_MAX_BATCH_SIZE": str(max_batch_size),
             "UNFOLD_LOG_LEVEL": "warning",

@@ -61,6 +61,16 @@ mean relative error and L0 of each (which should agree). `prepare` is timed apar
     python bench/solvers.py --quick     # small smoke run (P3: 4096 x 256, k=16 and 32)
     python bench/solvers.py --ceiling   # and a row for OMP's unavoidable work alone
     python bench/solvers.py --against HEAD~3   # A/B of Unfold's rows: HEAD~3 vs this tree
+    python bench/solvers.py --devices 4        # 1 device against 4, split by rows / features
+
+Devices mode (``--devices N``): Unfold OMP (k=32) on P1 (its default, Gram path) and P3
+(matrix-free: its 2.4 GB Gram matrix replicated on every device would crowd a shared host) with
+the dictionary on one device, then on N split by rows and by features
+(``solvers.prepare(..., devices=N, shard=...)``): rows/s, the dictionary's bytes on each
+device, and whether the answers are one device's (same indices in the same order; the largest
+difference of values). Simulate devices on a CPU with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (they share its cores: there, bytes
+and answers are the point, not speed).
 
 The ceiling row (`omp_traffic_ceiling`) is not a solver: it runs the OMP solver's memory
 traffic (correlations, per step the selection over all features, the gather of a Gram row and
@@ -1081,6 +1091,45 @@ def print_ab_table(results) -> None:
         print(line)
 
 
+def run_devices(args) -> None:
+    import jax
+
+    import solvers
+
+    problems = [("P1", args.n_features, args.d_model, None), ("P3", *args.p3_shape, False)]
+    placements = [(1, None), (args.devices, "rows"), (args.devices, "features")]
+    backend = f"{len(jax.devices())} {jax.default_backend()} device(s)"
+    print(f"OMP k={args.k}, {args.batch} rows, on {backend}: 1 device against {args.devices}")
+    header = (
+        f"{'problem':<20} {'devices':>7} {'shard':>8} {'path':>11} {'prepare s':>9} "
+        f"{'rows/s':>9} {'bytes/device':>13} {'identical':>9} {'max |diff|':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, n_features, d_model, gram in problems:
+        dictionary, _, x = make_problem(n_features, d_model, args.batch, args.k)
+        reference = None
+        for devices, shard in placements:
+            start = time.perf_counter()
+            prepared = solvers.prepare(dictionary, gram=gram, devices=devices, shard=shard)
+            jax.block_until_ready(prepared)
+            setup = time.perf_counter() - start
+            solvers.unfold(x[: min(len(x), 64)], prepared, method="omp", k=args.k)  # compile
+            seconds, result = timed(
+                lambda p=prepared, x=x: solvers.unfold(x, p, method="omp", k=args.k), args.repeats
+            )
+            if reference is None:
+                reference = result
+            same = np.array_equal(result.indices, reference.indices)
+            difference = float(np.max(np.abs(result.values - reference.values)))
+            print(
+                f"{name + f' {n_features}x{d_model}':<20} {devices:>7} {shard or '-':>8} "
+                f"{prepared.path:>11} {setup:>9.2f} {len(x) / seconds:>9.0f} "
+                f"{prepared.device_bytes:>13,} {'yes' if same else 'NO':>9} {difference:>10.1e}"
+            )
+            del prepared
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4096)
@@ -1128,6 +1177,12 @@ def main() -> None:
         metavar="REV",
         help="A/B of Unfold's rows: the code at git revision REV against this working tree",
     )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="only Unfold OMP on P1 and P3 on 1 device against N (split by rows, by features)",
+    )
     parser.add_argument("--p2-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ab-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--saelens-worker", help=argparse.SUPPRESS)
@@ -1165,6 +1220,9 @@ def main() -> None:
         return
     if args.against:
         run_ab(args)
+        return
+    if args.devices:
+        run_devices(args)
         return
     if not (args.p2_only or args.p3_only):
         run_p1(args)

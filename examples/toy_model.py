@@ -9,7 +9,12 @@ script runs with Unfold's solvers and scores against the true features, beside t
 read-out.
 
     python examples/toy_model.py                 # train (about a minute on 2 cores), compare
-    python examples/toy_model.py --save toy.npy  # also write W^T, to register as a dictionary
+    python examples/toy_model.py --save toy.safetensors  # also write the weights
+
+The weights file holds ``W_dec = W^T`` (the feature directions), and the model's read-out as a
+standard SAE encoder of ``h``: ``W_enc = W``, ``b_enc = b`` (codes ``ReLU(h W + b)``). A copy
+trained with the defaults is the `toy-model` demo dictionary of `unfold serve`, where
+``compare_encoder`` puts the model's own read-out beside Unfold's codes.
 """
 
 from __future__ import annotations
@@ -87,44 +92,57 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--rows", type=int, default=4096, help="test activations")
-    parser.add_argument("--save", help="write the feature directions W^T here (.npy)")
+    parser.add_argument("--save", help="write the weights here (.safetensors)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     w, b = train(steps=args.steps)
     print(f"training took {time.perf_counter() - started:.0f} s")
-    directions = np.ascontiguousarray(w.T)  # (N_FEATURES, D_HIDDEN): feature i's direction
     if args.save:
-        np.save(args.save, directions.astype(np.float32))
-        print(f"wrote {args.save}: register it with `unfold dict add toy {args.save}`")
+        save(args.save, w, b, args.steps)
+        print(f"wrote {args.save}")
 
     scores, mean_active = compare(w, b, args.rows)
     print(
         f"\n{N_FEATURES} features in {D_HIDDEN} dimensions, {args.rows} test rows sampled "
         f"(those with an active feature scored), {mean_active:.1f} active features per row"
     )
-    print(f"{'read-out':34} {'relative error':>15} {'support F1':>11}")
-    for name, (error, f1) in scores.items():
-        print(f"{name:34} {error:15.4f} {f1:11.3f}")
+    print(f"{'read-out':34} {'relative error':>15} {'support F1':>11} {'certified':>10}")
+    for name, (error, f1, certified) in scores.items():
+        shown = "" if certified is None else f"{certified:.1%}"
+        print(f"{name:34} {error:15.4f} {f1:11.3f} {shown:>10}")
     return 0
 
 
+def save(path: str, w: np.ndarray, b: np.ndarray, steps: int) -> None:
+    """The weights as a safetensors file: W_dec = W^T, W_enc = W, b_enc = b (float32)."""
+    from safetensors.numpy import save_file
+
+    tensors = {"W_dec": np.ascontiguousarray(w.T), "W_enc": w, "b_enc": b}
+    tensors = {name: np.asarray(array, np.float32) for name, array in tensors.items()}
+    metadata = {"steps": str(steps), "density": str(DENSITY), "seed": "0"}
+    save_file(tensors, path, metadata=metadata)
+
+
 def compare(w: np.ndarray, b: np.ndarray, n_rows: int) -> tuple[dict, float]:
-    """{read-out: (relative error, support F1)} on fresh sparse features, and the mean number
-    of active features per row."""
+    """{read-out: (relative error, support F1, certified share or None)} on fresh sparse
+    features, and the mean number of active features per row. The certified share is that of
+    rows whose support passes Tropp's exact recovery condition (`solvers.certify`)."""
     x = np.asarray(sample(jax.random.PRNGKey(1234), n_rows))
     x = x[x.sum(axis=1) > 0]  # rows with at least one active feature
     directions = np.ascontiguousarray(w.T)
     hidden = x @ directions  # the model's hidden activations
     prepared = solvers.prepare(directions)
-    found = {"model's ReLU read-out": np.asarray(read_out((w, b), x))}
+    relu = np.asarray(read_out((w, b), x))
+    scores = {"model's ReLU read-out": (relative_error(relu, x), support_f1(relu, x), None)}
     for name, method, params in [
         ("Unfold non-negative OMP, k=8", "omp", {"k": 8, "positive": True, "tol": 1e-6}),
         ("Unfold non-negative LASSO", "lasso", {"alpha": 1e-3, "positive": True}),
     ]:
         result = solvers.unfold(hidden.astype(np.float32), prepared, method, **params)
-        found[name] = result.to_dense()
-    scores = {name: (relative_error(c, x), support_f1(c, x)) for name, c in found.items()}
+        certified = float(np.mean(solvers.certify(result, prepared).certified))
+        found = result.to_dense()
+        scores[name] = (relative_error(found, x), support_f1(found, x), certified)
     return scores, float(np.mean(np.sum(x > 0, axis=1)))
 
 

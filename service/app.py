@@ -16,7 +16,7 @@ from . import __version__
 from .auth import PUBLIC_PATHS, APIKeyMiddleware
 from .background import BackgroundWork
 from .batching import Batcher, enable_compilation_cache, settle_heap, warmup, warmup_used
-from .demo import DEMO_NAME, demo_dictionary
+from .demo import demo_registrations
 from .errors import install_error_handlers
 from .limits import BodyLimitMiddleware
 from .logs import configure_logging
@@ -24,7 +24,8 @@ from .memory import MemoryBudget
 from .metrics import Metrics, MetricsMiddleware
 from .programs import Programs
 from .registry import Registry
-from .routes import dictionaries, health, info, metrics, oip
+from .reports import Reports, ReportSettings
+from .routes import dictionaries, health, info, metrics, oip, reports
 from .routes._direct import DirectRoute, DirectRoutes
 from .settings import Settings
 from .store import DictionaryStore
@@ -36,25 +37,25 @@ SHUTDOWN_WAIT_SECONDS = 120.0
 
 
 def start_loading(
-    registry: Registry, settings: Settings, background: BackgroundWork, programs: Programs
+    registry: Registry,
+    settings: Settings,
+    background: BackgroundWork,
+    programs: Programs,
+    reports: Reports,
 ) -> threading.Thread:
     """In the background: load and verify the stored dictionaries, seed the demo on an empty
     store (then `registry.loaded`: unknown names are 404), load the record of settings used,
     compile the default programs; then the registry, hence `/readyz`, is ready. Then compile
     the programs of the settings used most (requests that need one meanwhile share its
-    compilation: `Programs.ensure`)."""
+    compilation: `Programs.ensure`). Reports missing from stored dictionaries are queued once
+    the registry is ready (`settings.reports`)."""
 
     def load():
         try:
             if registry.load_stored() == 0 and settings.demo:
-                directions, labels = demo_dictionary()
-                registry.register(
-                    DEMO_NAME,
-                    directions,
-                    labels=labels,
-                    metadata={"description": "standard basis + Hadamard basis in 16 dimensions"},
-                )
-                log.info("registered the demo dictionary %r", DEMO_NAME)
+                for registration in demo_registrations():
+                    registry.register(**registration)
+                    log.info("registered the demo dictionary %r", registration["name"])
             registry.loaded.set()  # from now on an unknown name is 404, not 503
             programs.usage.load(registry.entries())
             if settings.warmup:  # compile the default method's batch buckets ahead of requests
@@ -64,6 +65,9 @@ def start_loading(
                     )
             settle_heap()
             registry.ready.set()
+            if settings.reports:
+                for entry in registry.entries():
+                    reports.schedule(entry)
             if settings.warmup and settings.warmup_used_settings:
                 for entry in registry.entries():
                     warmup_used(
@@ -82,7 +86,14 @@ def start_loading(
     return background.start("unfold-loader", load)
 
 
-ROUTERS = (health.router, dictionaries.router, info.router, metrics.router, oip.router)
+ROUTERS = (
+    health.router,
+    dictionaries.router,
+    reports.router,
+    info.router,
+    metrics.router,
+    oip.router,
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -98,9 +109,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
         if app.state.background.stopping.is_set():  # likewise
             app.state.background = BackgroundWork()
+            app.state.reports.background = app.state.background
         programs = app.state.batcher.programs
         app.state.loader = start_loading(
-            app.state.registry, settings, app.state.background, programs
+            app.state.registry, settings, app.state.background, programs, app.state.reports
         )
         app.state.background.start(  # saves the settings used now and then, and at shutdown
             "unfold-usage", programs.usage.keep_saved, app.state.background.stopping
@@ -124,11 +136,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         DictionaryStore(settings.data_dir),
         gram_budget_bytes=settings.gram_budget_bytes,
         budget=MemoryBudget.from_settings(settings.memory_budget_bytes),
+        devices=settings.devices,
+        shard=settings.shard,
     )
     app.state.metrics = Metrics()
     app.state.metrics.watch_memory(app.state.registry.budget)
     app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
     app.state.background = BackgroundWork()
+    app.state.reports = Reports(
+        app.state.registry.store.root,
+        app.state.background,
+        ReportSettings(
+            max_features=settings.report_max_features, curve_seconds=settings.report_curve_seconds
+        ),
+    )
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

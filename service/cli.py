@@ -137,10 +137,10 @@ class Local:
         """Read and store the dictionary (nothing is uploaded: `progress` is not called)."""
         from .registry import Registry
 
-        directions, bias, metadata = read_dictionary_file(path, tensor, bias_tensor)
+        arrays = read_dictionary_file(path, tensor, bias_tensor)
         registry = Registry(self.store, gram_budget_bytes=0)  # no Gram: only registering
         registry.load_stored()  # so that names and contents are checked against the others
-        entry, _ = registry.register(name, directions, bias, metadata=metadata)
+        entry, _ = registry.register(name, **arrays)
         return describe_record(entry.record)
 
     def records(self):
@@ -172,14 +172,15 @@ class Local:
 
         path = Path(ref)
         if path.exists():
-            directions, bias, _ = read_dictionary_file(path, None, None)
+            arrays = read_dictionary_file(path, None, None)
+            directions, bias = arrays["directions"], arrays["bias"]
             info = {"name": path.name, "id": None}
         else:
             record = self.find(ref)
             directions, bias = record.directions, record.bias
             info = describe_record(record)
         prepared = solvers.prepare(directions, bias)
-        info["n_features"], info["d_model"] = prepared.atoms.shape
+        info["n_features"], info["d_model"] = prepared.n_features, prepared.d_model
         validated = unfolding.validate(unfolding.PARAMS_ADAPTER, {"method": method, **params})
         method, kwargs = unfolding.solver_params(validated)
         settings = solvers.make_settings(method, prepared, **kwargs)  # errors before any work
@@ -207,8 +208,9 @@ def describe_record(record) -> dict:
 
 
 def read_dictionary_file(path: Path, tensor: str | None, bias_tensor: str | None):
-    """(directions, bias, metadata) from a .npy, a .safetensors or a SAELens folder: arrays
-    memory-mapped in the file's dtype (the store converts them to float32)."""
+    """`Registry.register`'s directions, bias, metadata and encoder (of a SAELens folder that
+    has one) from a .npy, a .safetensors or a SAELens folder: arrays memory-mapped in the
+    file's dtype (the store converts them to float32)."""
     from .formats import SafetensorsFile, converted, dictionary_arrays, map_file, open_npy
 
     path, config = Path(path), None
@@ -218,14 +220,12 @@ def read_dictionary_file(path: Path, tensor: str | None, bias_tensor: str | None
             raise CLIError(f"{path} is not a SAELens folder: no sae_weights.safetensors in it")
         path, config = weights, config.read_bytes() if config.is_file() else None
     elif path.suffix.lower() == ".npy":
-        arrays = converted(open_npy(path, str(path)), None, {})
-        return arrays["directions"], None, arrays["metadata"]
+        return converted(open_npy(path, str(path)), None, {})
     elif path.suffix.lower() != ".safetensors":
         raise CLIError(f"{path}: give a .npy or .safetensors file, or a SAELens folder")
-    arrays = dictionary_arrays(
+    return dictionary_arrays(
         SafetensorsFile(map_file(path), str(path)), tensor, bias_tensor, config
     )
-    return arrays["directions"], arrays["bias"], arrays["metadata"]
 
 
 def backend(args: argparse.Namespace, batch_size: int | None = None):

@@ -9,8 +9,9 @@
 Arrays travel as binary: activations go up as `.npy` (parameters in the query string) and
 results come back as safetensors. Registering a file uploads only what the server keeps,
 streamed from disk: of a safetensors file or SAELens folder, a safetensors file synthesized on
-the fly with just the directions and the bias (`W_dec`, `b_dec`; `W_enc` stays home), in their
-own dtype; a `.npy` file as it is. Uploads report `progress(sent, total)` in bytes.
+the fly with just the directions and the bias (`W_dec`, `b_dec`; of a SAELens folder also its
+encoder, `W_enc`, `b_enc`, `threshold`, unless `encoder=False`), in their own dtype; a `.npy`
+file as it is. Uploads report `progress(sent, total)` in bytes.
 
 Large batches go in chunks (one request after the other) and are reassembled. By default the
 chunk size is automatic: the first is sized from the dictionary's shape and the method's work
@@ -49,6 +50,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from .encoder import TENSORS as ENCODER_TENSORS
 from .errors import InvalidInput
 from .formats import (
     SafetensorsFile,
@@ -628,7 +630,7 @@ class _Operations:
         if path.is_dir():
             if tensor or bias_tensor:
                 raise ValueError("tensor and bias_tensor apply to .safetensors files only")
-            return (yield from self._register_saelens_plan(name, path, progress))
+            return (yield from self._register_saelens_plan(name, path, progress, True))
         suffix = path.suffix.lower()
         if suffix == ".npy":
             if tensor or bias_tensor:
@@ -653,20 +655,25 @@ class _Operations:
             )
         return self._forget(response.json())
 
-    def _register_saelens_plan(self, name, folder, progress) -> Plan:
+    def _register_saelens_plan(self, name, folder, progress, encoder: bool) -> Plan:
         folder = Path(folder)
         weights, config = folder / "sae_weights.safetensors", folder / "cfg.json"
         if not weights.is_file():
             raise ValueError(f"{folder} is not a SAELens folder: no sae_weights.safetensors")
         config = config if config.is_file() else None
-        response = yield from self._upload_safetensors(name, weights, config, None, None, progress)
+        response = yield from self._upload_safetensors(
+            name, weights, config, None, None, progress, encoder=encoder
+        )
         return self._forget(response.json())
 
-    def _upload_safetensors(self, name, path, config, tensor, bias_tensor, progress) -> Plan:
+    def _upload_safetensors(
+        self, name, path, config, tensor, bias_tensor, progress, *, encoder: bool = False
+    ) -> Plan:
         """Register the directions and bias of the safetensors file at `path` (chosen by the
-        server's rule, `formats.dictionary_tensor_names`), sent alone as a
-        `SafetensorsSubset`, with the SAELens `config` file (cfg.json) when given. Errors in
-        the file raise ValueError before anything is sent."""
+        server's rule, `formats.dictionary_tensor_names`), and with `encoder` the encoder's
+        tensors it has (`encoder.TENSORS`), sent alone as a `SafetensorsSubset`, with the
+        SAELens `config` file (cfg.json) when given. Errors in the file raise ValueError
+        before anything is sent."""
         with open(path, "rb") as source:
             try:
                 tensors = SafetensorsFile(map_file(source), str(path)).tensors
@@ -679,7 +686,8 @@ class _Operations:
             data = {"name": name, "tensor": tensor}
             if bias_tensor is not None:
                 data["bias_tensor"] = bias_tensor
-            kept = {key: tensors[key] for key in (tensor, bias_tensor) if key is not None}
+            names = (tensor, bias_tensor, *(ENCODER_TENSORS if encoder else ()))
+            kept = {key: tensors[key] for key in names if key is not None and key in tensors}
             files = {
                 "file": (path.name, SafetensorsSubset(source, kept), "application/octet-stream")
             }
@@ -829,11 +837,15 @@ class _Client(_Operations):
         """
         return self._run(self._register_file_plan(name, path, tensor, bias_tensor, progress))
 
-    def register_saelens(self, name: str, folder, progress: Progress | None = None):
-        """Register a SAELens SAE folder: `W_dec` and `b_dec` of `sae_weights.safetensors`
-        (streamed from it, without the encoder's tensors) and `cfg.json`; `progress(sent,
+    def register_saelens(
+        self, name: str, folder, progress: Progress | None = None, *, encoder: bool = True
+    ):
+        """Register a SAELens SAE folder: `W_dec` and `b_dec` of `sae_weights.safetensors`,
+        with `encoder` its encoder's tensors too (`W_enc`, `b_enc`, `threshold`: the server
+        keeps a standard, jumprelu or topk encoder as the baseline of `compare_encoder`),
+        streamed from the file without its other tensors, and `cfg.json`; `progress(sent,
         total)` is called with the bytes sent."""
-        return self._run(self._register_saelens_plan(name, folder, progress))
+        return self._run(self._register_saelens_plan(name, folder, progress, encoder))
 
     def list(self):
         """Descriptions of every registered dictionary."""

@@ -24,6 +24,8 @@ import numpy as np
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from safetensors.numpy import save as save_safetensors
 
+from .encoder import ARCHITECTURES as ENCODER_ARCHITECTURES
+from .encoder import Encoder
 from .errors import InvalidInput, describe_validation_errors
 
 NPY = "application/x-npy"
@@ -361,22 +363,73 @@ def dictionary_arrays(
     SAELens SAE, its `cfg.json`."""
     directions, bias = pick_dictionary_tensors(file, tensor, bias_tensor)
     metadata = {}
+    encoder = None
     if cfg is not None:
         sae = read_sae_config(cfg, directions.shape)
         metadata = sae.metadata
         if bias is not None and not sae.decoder_adds_bias:
             bias = None
             metadata["b_dec"] = "not applied: this architecture's decoder leaves it out"
-    return converted(directions, bias, metadata)
+        encoder, why_not = sae_encoder(file, sae, directions.shape)
+        if why_not is not None:
+            metadata["encoder"] = f"not kept: {why_not}"
+    return converted(directions, bias, metadata, encoder)
 
 
-def converted(directions, bias, metadata: dict) -> dict[str, Any]:
+def sae_encoder(
+    file: SafetensorsFile, sae: SAEConfig, shape: tuple[int, int]
+) -> tuple[Encoder | None, str | None]:
+    """(the SAE's encoder, None), or (None, why it is not kept: None when the file has none).
+    Tensors of the wrong shape are a 422 `invalid_sae`."""
+    if "W_enc" not in file.tensors or "b_enc" not in file.tensors:
+        return None, None
+    config = sae.metadata
+    architecture = config.get("architecture", "standard")
+    if architecture not in ENCODER_ARCHITECTURES:
+        return (
+            None,
+            f"Unfold runs the encoders of {list(ENCODER_ARCHITECTURES)}, not {architecture}",
+        )
+    if config.get("rescale_acts_by_decoder_norm"):
+        return None, "rescale_acts_by_decoder_norm is not supported"
+    n_features, d_model = shape
+    expected = {"W_enc": (d_model, n_features), "b_enc": (n_features,)}
+    if architecture == "jumprelu":
+        expected["threshold"] = (n_features,)
+    arrays = {}
+    for name, wanted in expected.items():
+        if name not in file.tensors:
+            raise InvalidInput(
+                f"a {architecture} SAE needs the tensor {name!r}", code="invalid_sae"
+            )
+        if tuple(file.tensors[name].shape) != wanted:
+            raise InvalidInput(
+                f"{name} has shape {list(file.tensors[name].shape)}; with W_dec of shape "
+                f"{list(shape)} it must be {list(wanted)}",
+                code="invalid_sae",
+            )
+        arrays[name] = file.array(name)
+    k = config.get("k")
+    if architecture == "topk" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise InvalidInput(f"a topk SAE needs cfg.json's k >= 1, got {k!r}", code="invalid_sae")
+    encoder = Encoder(
+        architecture,
+        arrays["W_enc"],
+        arrays["b_enc"],
+        arrays.get("threshold"),
+        k if architecture == "topk" else None,
+        bool(config.get("apply_b_dec_to_input", True)),
+    )
+    return encoder, None
+
+
+def converted(directions, bias, metadata: dict, encoder: Encoder | None = None) -> dict[str, Any]:
     """Registration arguments; arrays in another dtype than float32 are converted by the store
     (a block at a time), and the metadata says from what."""
     source = {np.dtype(a.dtype).name for a in (directions, bias) if a is not None} - {"float32"}
     if source:
         metadata = {**metadata, "converted_from": ", ".join(sorted(source))}
-    return {"directions": directions, "bias": bias, "metadata": metadata}
+    return {"directions": directions, "bias": bias, "metadata": metadata, "encoder": encoder}
 
 
 SAE_WITH_INPUT_IN_DECODER = ("skip_transcoder", "jumprelu_skip_transcoder")

@@ -325,6 +325,11 @@ def _solver_params(parameters: dict):
         for key, value in parameters.items()
         if key not in PROTOCOL_PARAMETERS and key not in IGNORED_PARAMETERS
     }
+    if "compare_encoder" in params:
+        raise bad(
+            "parameter 'compare_encoder' is served by the v1 API only "
+            "(POST /v1/dictionaries/{ref}/unfold)"
+        )
     for key in ("output", "top"):
         if key in params:
             raise bad(

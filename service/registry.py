@@ -8,11 +8,13 @@ import logging
 import re
 import threading
 
+import jax
 import numpy as np
 import orjson
 
 import solvers
 
+from .encoder import Encoder
 from .errors import Conflict, InvalidInput, NotFound, NotReady, TooLarge
 from .memory import MemoryBudget
 from .store import STORE_DTYPE, DictionaryRecord, DictionaryStore
@@ -56,9 +58,13 @@ class Registry:
         *,
         gram_budget_bytes: int | None,
         budget: MemoryBudget | None = None,
+        devices: int | str = 1,
+        shard: str = "auto",
     ):
         self.store = store
         self.gram_budget_bytes = gram_budget_bytes
+        self.devices = local_devices(devices)
+        self.shard = shard
         self.budget = budget if budget is not None else MemoryBudget.from_settings(None)
         self._entries: dict[str, Entry] = {}
         self._names: dict[str, str] = {}
@@ -107,13 +113,15 @@ class Registry:
         *,
         labels: list[str] | None = None,
         metadata: dict | None = None,
+        encoder: Encoder | None = None,
     ) -> tuple[Entry, bool]:
         """Validate, store and load a dictionary. Returns (entry, created): registering the
         same content under the same name again returns the existing entry, not an error.
 
         `directions` may be any float array, memory-mapped ones included: it is checked,
         converted to float32 and written a block of rows at a time (`DictionaryStore.stage`),
-        and the entry's arrays are views of the stored file.
+        and the entry's arrays are views of the stored file. A SAE's `encoder` is stored beside
+        it (`DictionaryStore.stage_encoder`).
         """
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise InvalidInput(
@@ -135,7 +143,10 @@ class Registry:
         with self._changes:
             staged = self.store.stage(directions, bias)
             try:
-                existing = self._check_new(staged.id, name, labels)
+                encoder_sha256 = None
+                if encoder is not None:
+                    encoder, encoder_sha256 = self.store.stage_encoder(staged, encoder)
+                existing = self._check_new(staged.id, name, labels, encoder_sha256)
                 if existing is not None:
                     return existing, False
                 record = DictionaryRecord(
@@ -146,12 +157,14 @@ class Registry:
                     labels=labels,
                     metadata=metadata,
                     created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                    encoder=encoder,
+                    encoder_sha256=encoder_sha256,
                 )
                 entry = self._admit(record)
                 try:
                     self.store.commit(staged, record)
                 except BaseException:
-                    self.budget.release("dictionaries", entry.prepared.nbytes)
+                    self.budget.release("dictionaries", entry.prepared.device_bytes)
                     raise
                 self._insert(entry)
                 return entry, True
@@ -165,17 +178,27 @@ class Registry:
             with self._lock:
                 self._entries.pop(entry.record.id, None)
                 self._names.pop(entry.record.name, None)
-            self.budget.release("dictionaries", entry.prepared.nbytes)
+            self.budget.release("dictionaries", entry.prepared.device_bytes)
         return entry
 
-    def _check_new(self, dictionary_id: str, name: str, labels) -> Entry | None:
+    def _check_new(
+        self, dictionary_id: str, name: str, labels, encoder_sha256: str | None
+    ) -> Entry | None:
         """The existing entry if this exact registration was made before; None if it is new;
-        409 if its name or content is taken by another."""
+        409 if its name or content is taken by another (or it has another encoder)."""
         with self._lock:
             existing = self._entries.get(dictionary_id)
             named = self._names.get(name)
         if existing is not None:
-            if existing.record.name == name and existing.record.labels == labels:
+            same = existing.record.name == name and existing.record.labels == labels
+            if same and existing.record.encoder_sha256 != encoder_sha256:
+                raise Conflict(
+                    f"{name!r} is registered with "
+                    + ("another encoder" if existing.record.encoder else "no encoder")
+                    + "; delete it first to register it with this one",
+                    code="encoder_differs",
+                )
+            if same:
                 return existing
             raise Conflict(
                 f"this content is already registered as {existing.record.name!r} "
@@ -191,9 +214,11 @@ class Registry:
         return None
 
     def _admit(self, record: DictionaryRecord) -> Entry:
-        """Prepare `record` within the memory budget: with its Gram matrix when that fits (the
-        configured Gram budget, and half of what the budget leaves besides the dictionary),
-        matrix-free otherwise; refused (413) when even that does not fit."""
+        """Prepare `record` within the memory budget (of one device): with its Gram matrix when
+        that fits (the configured Gram budget, and half of what the budget leaves besides the
+        dictionary), matrix-free otherwise; on several devices split as `shard` says ("auto":
+        by features when it would not fit the budget whole, else by rows); refused (413) when
+        even that does not fit."""
         n_features, d_model = record.directions.shape
         free = self.budget.free
         base = solvers.footprint(
@@ -218,22 +243,48 @@ class Registry:
         )
         scan = solvers.default_scan(STORE_DTYPE, gram=choice.gram)
         nbytes = solvers.footprint(n_features, d_model, STORE_DTYPE, gram=choice.gram, scan=scan)
+        placement = {}
+        if len(self.devices) > 1:
+            shard = self.shard
+            if shard == "auto":
+                shard = "features" if nbytes > free else "rows"
+            placement = {"devices": self.devices, "shard": shard}
+            if shard == "features":  # a device's share, padding included
+                rows = -(-n_features // len(self.devices))
+                nbytes = solvers.footprint(rows, d_model, STORE_DTYPE, gram=False, scan=scan)
+                nbytes += rows * n_features * 4 if choice.gram else 0
+                nbytes += (n_features - rows) * 4  # norms, replicated
         self.budget.reserve_dictionary(
             nbytes, f"dictionary {record.name!r} ({n_features} x {d_model})"
         )
         try:
-            prepared = solvers.prepare(record.directions, record.bias, gram=choice.gram, scan=scan)
+            prepared = solvers.prepare(
+                record.directions, record.bias, gram=choice.gram, scan=scan, **placement
+            )
         except BaseException:
             self.budget.release("dictionaries", nbytes)
             raise
-        if prepared.nbytes != nbytes:  # keep the books exact
-            self.budget.release("dictionaries", nbytes - prepared.nbytes)
+        if prepared.device_bytes != nbytes:  # keep the books exact
+            self.budget.release("dictionaries", nbytes - prepared.device_bytes)
         return Entry(record, prepared, choice)
 
     def _insert(self, entry: Entry) -> None:
         with self._lock:
             self._entries[entry.record.id] = entry
             self._names[entry.record.name] = entry.record.id
+
+
+def local_devices(devices: int | str) -> list:
+    """The first `devices` local devices of JAX's default backend, or all of them ("all")."""
+    available = jax.local_devices()
+    if devices == "all":
+        return available
+    if not 1 <= int(devices) <= len(available):
+        raise ValueError(
+            f"UNFOLD_DEVICES={devices}, but the {jax.default_backend()} backend has "
+            f"{len(available)} local device(s)"
+        )
+    return available[: int(devices)]
 
 
 def check_labels(labels: list[str] | None, n_features: int) -> None:

@@ -64,11 +64,24 @@ class Placement(BaseModel):
     gram_budget_bytes: int | None = Field(
         description="The largest Gram matrix the server would build when this one loaded."
     )
-    device_bytes: int = Field(description="Device memory the prepared dictionary holds.")
+    device_bytes: int = Field(
+        description="Device memory the prepared dictionary holds on each of its devices."
+    )
+    devices: list[str] = Field(description="The devices it lives on.")
+    shard: Literal["rows", "features"] | None = Field(
+        description="How it is split across several devices: 'rows' (a replica on each, "
+        "batches split) or 'features' (each holds a block of its features); null on one."
+    )
     scan: Literal["float32", "bfloat16"] = Field(
         description="Precision of OMP's correlation scan (selections are float32's either way)."
     )
     reason: str = Field(description="Why this path was chosen.")
+
+
+class EncoderInfo(BaseModel):
+    architecture: Literal["standard", "jumprelu", "topk"]
+    k: int | None = Field(description="TopK SAEs: codes per row.")
+    apply_b_dec_to_input: bool = Field(description="The encoder sees x - b_dec.")
 
 
 class DictionaryInfo(BaseModel):
@@ -88,10 +101,105 @@ class DictionaryInfo(BaseModel):
     labels: int = Field(description="Number of feature labels (0 when none).")
     metadata: dict[str, Any]
     created_at: str
+    encoder: EncoderInfo | None = Field(
+        None,
+        description="The SAE's own encoder, kept from a SAELens folder (unfold with "
+        "compare_encoder); null when none was registered.",
+    )
 
 
 class DictionaryList(BaseModel):
     dictionaries: list[DictionaryInfo]
+
+
+class Histogram(BaseModel):
+    counts: list[int]
+    edges: list[float] = Field(description="len(counts) + 1 bin edges.")
+
+
+class NormsReport(NormsSummary):
+    median: float
+    histogram: Histogram
+
+
+class SimilarPair(BaseModel):
+    i: int
+    j: int
+    cosine: float
+    labels: list[str] | None = Field(None, description="When the dictionary has labels.")
+
+
+class CoherenceReport(BaseModel):
+    mutual: float = Field(description="Largest |cosine| between two different features.")
+    welch_bound: float = Field(
+        description="The smallest `mutual` any dictionary of this shape has."
+    )
+    guaranteed_k: int = Field(
+        description="Largest k below (1 + 1/mutual) / 2: every k-sparse code is recovered by "
+        "OMP and l1 (Tropp 2004)."
+    )
+    histogram: Histogram = Field(description="|cosine| over all pairs of (sampled) features.")
+    top_pairs: list[SimilarPair] = Field(description="The most similar pairs, most similar first.")
+    sampled_features: int
+
+
+class RecoveryCurveReport(BaseModel):
+    method: Literal["omp", "lasso"] = Field(description='"lasso" stands for l1 minimisation.')
+    positive: bool
+    ks: list[int]
+    recovered: list[float] = Field(description="Fraction of codes recovered exactly, per k.")
+    recommended_k: int = Field(description="Largest k up to which >= 95% are recovered.")
+    half_k: float | None = Field(description="Where the curve crosses 50% (interpolated).")
+    truncated: str | None = Field(description="Why the curve stopped early, if it did.")
+
+
+class L1Transition(BaseModel):
+    signed: float | None
+    nonnegative: float | None
+    description: str
+
+
+class RecoveryReport(BaseModel):
+    sampled_features: int
+    note: str | None = Field(description="Said when the analysis ran on a sample of features.")
+    trials: int = Field(description="Synthetic codes per k.")
+    criterion: str
+    curves: list[RecoveryCurveReport]
+    recommended_k: dict[str, int]
+    l1_transition: L1Transition = Field(
+        description="Theory for a Gaussian random dictionary of the same shape."
+    )
+
+
+class EncoderReport(EncoderInfo):
+    ks: list[int]
+    encoder_f1: list[float] = Field(description="Mean support F1 of the SAE encoder, per k.")
+    unfold_f1: list[float] = Field(description="Mean support F1 of non-negative OMP, per k.")
+    encoder_relative_error: list[float]
+    unfold_relative_error: list[float]
+    encoder_l0: list[float] = Field(description="Mean number of codes the encoder gives.")
+    trials: int
+    truncated: str | None
+    note: str
+
+
+class DictionaryReport(BaseModel):
+    state: Literal["ready"]
+    version: int
+    dictionary: dict[str, Any]
+    computed_at: str
+    seconds: float
+    norms: NormsReport
+    coherence: CoherenceReport
+    recovery: RecoveryReport
+    encoder: EncoderReport | None = Field(
+        description="The SAE's encoder against Unfold on synthetic codes (with an encoder)."
+    )
+
+
+class ReportPending(BaseModel):
+    state: Literal["queued", "running"]
+    message: str
 
 
 class UnfoldOptions(BaseModel):
@@ -104,6 +212,11 @@ class UnfoldOptions(BaseModel):
     )
     top: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Sparse output only: keep the `top` largest |values| of each row."
+    )
+    compare_encoder: bool = Field(
+        False,
+        description="Add the SAE encoder's codes next to Unfold's (dictionaries registered "
+        "with their encoder): `encoder` (README: The SAE's own encoder as a baseline).",
     )
     certify: bool = Field(
         False,
@@ -203,6 +316,18 @@ class SparseCode(BaseModel):
     labels: list[str] | None = Field(None, description="When the dictionary has labels.")
 
 
+class EncoderComparison(BaseModel):
+    codes: list[SparseCode] = Field(description="The encoder's codes, largest first.")
+    l0: list[int]
+    relative_error: list[float] = Field(description="Of the encoder's own codes.")
+    relative_error_at_l0: list[float] = Field(
+        description="Of the encoder's largest codes, as many as Unfold's l0 of the row."
+    )
+    support_overlap: list[float] = Field(
+        description="Share of Unfold's features among those largest codes (0 when Unfold has none)."
+    )
+
+
 class UnfoldResponse(BaseModel):
     codes: list[SparseCode] | None = Field(None, description="Sparse output: one per row.")
     dense: Matrix | None = Field(None, description="Dense output: (batch, n_features).")
@@ -217,6 +342,9 @@ class UnfoldResponse(BaseModel):
     )
     messages: list[str]
     duality_gap: list[float | None] = Field(description="LASSO methods; null for OMP.")
+    encoder: EncoderComparison | None = Field(
+        None, description="With compare_encoder: the SAE encoder's codes and errors, per row."
+    )
     certified: list[bool] | None = Field(
         None, description="With certify: ERC(S) < 1 on the row's support S."
     )

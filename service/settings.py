@@ -116,6 +116,39 @@ class Settings(BaseSettings):
     warmup_used_days: float = Field(
         7.0, gt=0, description="Settings count as used for warm-up if used within this many days."
     )
+    reports: bool = Field(
+        True,
+        description="Compute each dictionary's report (GET /v1/dictionaries/{ref}/report) in the "
+        "background after registration and at start-up; false: only when first asked for.",
+    )
+    report_max_features: int = Field(
+        4096,
+        ge=2,
+        description="Larger dictionaries are analysed on a sample of this many features.",
+    )
+    report_curve_seconds: float = Field(
+        120.0, gt=0, description="Time budget of each recovery curve of a report (said when spent)."
+    )
+
+    devices: int | Literal["all"] = Field(
+        "all",
+        description="How many of the default backend's local devices hold dictionaries (the "
+        "first that many), or 'all'.",
+    )
+    shard: Literal["auto", "rows", "features"] = Field(
+        "auto",
+        description="On several devices, how a dictionary is split: 'rows' (a replica on each, "
+        "batches split), 'features' (each device holds a block of its features), or 'auto' "
+        "(features when the prepared dictionary would not fit one device's memory budget, "
+        "else rows).",
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _device_count(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("devices must be at least 1, or 'all'")
+        return value
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -1,6 +1,8 @@
 """Content-addressed, crash-safe storage of dictionaries under the data directory.
 
-Layout: ``<data_dir>/dictionaries/<id>/{manifest.json, arrays.safetensors}``. A dictionary is
+Layout: ``<data_dir>/dictionaries/<id>/{manifest.json, arrays.safetensors}``, plus
+``encoder.safetensors`` for a SAE registered with its encoder (its sha256 is in the manifest)
+and ``report.json`` once its report is computed (`service.reports`). A dictionary is
 written into a private temporary folder (`stage`: files fsynced), then renamed into place in
 one step (`commit`), so a crash mid-write never leaves a partial dictionary visible. The id is a
 hash of the arrays, checked again on every load; the arrays file's safetensors `__metadata__`
@@ -31,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InsufficientStorage
+from .encoder import Encoder
+from .errors import InsufficientStorage, InvalidInput
 from .formats import SafetensorsFile, map_file, safetensors_header
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 STORE_DTYPE = np.dtype("<f4")
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.safetensors"
+ENCODER = "encoder.safetensors"
 BLOCK_BYTES = 64 << 20
 """Arrays are converted, hashed and written this many bytes of rows at a time."""
 MANIFEST_DIGEST = "manifest_sha256"
@@ -58,6 +62,8 @@ class DictionaryRecord:
     labels: list[str] | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     created_at: str = ""
+    encoder: Encoder | None = None
+    encoder_sha256: str | None = None
 
     @property
     def n_features(self) -> int:
@@ -78,6 +84,9 @@ class DictionaryRecord:
             "labels": self.labels,
             "metadata": self.metadata,
             "created_at": self.created_at,
+            "encoder": None
+            if self.encoder is None
+            else {**self.encoder.describe(), "sha256": self.encoder_sha256},
         }
 
 
@@ -159,6 +168,36 @@ class DictionaryStore:
                 raise disk_full() from None
             raise
 
+    def stage_encoder(self, staged: Staged, encoder: Encoder) -> tuple[Encoder, str]:
+        """Write `encoder`'s arrays as float32 into `staged`'s folder, a block of rows at a
+        time; returns (the encoder over the written file, the file's sha256). Non-finite
+        values are a 422 `invalid_sae`."""
+        arrays = encoder.arrays()
+        layout = {
+            name: ("F32", array.shape, array.size * STORE_DTYPE.itemsize)
+            for name, array in arrays.items()
+        }
+        path = staged.folder / ENCODER
+        digest = hashlib.sha256()
+        with disk_full_is_507(), open(path, "wb") as file:
+            header = safetensors_header(layout)
+            digest.update(header)
+            file.write(header)
+            for name, array in arrays.items():
+                for block in row_blocks(array):
+                    if not np.isfinite(block).all():
+                        raise InvalidInput(f"{name} has NaN or Inf values", code="invalid_sae")
+                    digest.update(block.data)
+                    file.write(block.data)
+        written = read_arrays(path)
+        stored = dataclasses.replace(
+            encoder,
+            W_enc=written["W_enc"],
+            b_enc=written["b_enc"],
+            threshold=written.get("threshold"),
+        )
+        return stored, digest.hexdigest()
+
     def commit(self, staged: Staged, record: DictionaryRecord) -> DictionaryRecord:
         """Store `staged` as `record` (whose arrays are the staged ones): manifest written,
         files fsynced, folder renamed into place. Returns the record."""
@@ -169,8 +208,9 @@ class DictionaryStore:
                 with disk_full_is_507():
                     (staged.folder / MANIFEST).write_bytes(manifest)
                 _record_digest(staged.folder / ARRAYS, hashlib.sha256(manifest).hexdigest())
-                for name in (ARRAYS, MANIFEST):
-                    _fsync(staged.folder / name)
+                for name in (ARRAYS, MANIFEST, ENCODER):
+                    if (staged.folder / name).exists():
+                        _fsync(staged.folder / name)
                 _fsync(staged.folder)
                 os.rename(staged.folder, final)
                 _fsync(self.root)
@@ -225,6 +265,7 @@ class DictionaryStore:
         actual = content_id(directions, bias)
         if actual != manifest["id"] or folder.name != actual:
             raise ValueError(f"content hash {actual} does not match id {manifest['id']}")
+        encoder, encoder_sha256 = self._load_encoder(folder, manifest.get("encoder"))
         return DictionaryRecord(
             id=actual,
             name=manifest["name"],
@@ -233,7 +274,32 @@ class DictionaryStore:
             labels=manifest.get("labels"),
             metadata=manifest.get("metadata") or {},
             created_at=manifest.get("created_at", ""),
+            encoder=encoder,
+            encoder_sha256=encoder_sha256,
         )
+
+    @staticmethod
+    def _load_encoder(folder: Path, described: dict | None) -> tuple[Encoder | None, str | None]:
+        """The stored encoder the manifest describes, checked against its sha256."""
+        if described is None:
+            return None, None
+        path = folder / ENCODER
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            while chunk := file.read(BLOCK_BYTES):
+                digest.update(chunk)
+        if digest.hexdigest() != described["sha256"]:
+            raise ValueError(f"{ENCODER} does not match the sha256 in {MANIFEST}")
+        arrays = read_arrays(path)
+        encoder = Encoder(
+            described["architecture"],
+            arrays["W_enc"],
+            arrays["b_enc"],
+            arrays.get("threshold"),
+            described.get("k"),
+            described.get("apply_b_dec_to_input", True),
+        )
+        return encoder, described["sha256"]
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:

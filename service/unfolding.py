@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 import solvers
 
+from . import encoder
 from .batching import Batcher
 from .errors import InvalidInput, describe_validation_errors
 from .formats import (
@@ -43,8 +44,9 @@ QUERY_PARAMS = (
     "output",
     "top",
     "certify",
+    "compare_encoder",
 )
-OUTPUT_FIELDS = {"output", "top", "certify"}
+OUTPUT_FIELDS = {"output", "top", "certify", "compare_encoder"}
 
 
 def validate(schema, data: Any):
@@ -249,10 +251,12 @@ _SOLVER_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 class Answer(NamedTuple):
-    """The codes of a request, and their certificates when it asked for them."""
+    """The codes of a request, and their certificates and the SAE encoder's codes when it
+    asked for them (`encoder.compare`)."""
 
     result: solvers.UnfoldResult
-    certificate: solvers.Certificate | None
+    certificate: solvers.Certificate | None = None
+    encoder: dict[str, Any] | None = None
 
 
 async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher) -> Answer:
@@ -265,6 +269,12 @@ async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher)
     for, are computed on a worker thread once the codes are in.
     """
     settings = solver_settings(entry, params)
+    if params.compare_encoder and entry.record.encoder is None:
+        raise InvalidInput(
+            f"dictionary {entry.record.name!r} has no encoder to compare with; register a "
+            "SAELens folder with its W_enc and b_enc (standard, jumprelu or topk)",
+            code="no_encoder",
+        )
     programs = batcher.programs
     programs.usage.record(entry.record.id, settings, activations.shape[0])
     result = await batcher.submit(
@@ -272,10 +282,12 @@ async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher)
         activations,
         lambda rows: run(entry, rows, settings, programs),
     )
-    certificate = None
+    certificate = comparison = None
     if params.certify:
         certificate = await run_in_threadpool(solvers.certify, result, entry.prepared)
-    return Answer(result, certificate)
+    if params.compare_encoder:
+        comparison = await run_in_threadpool(encoder.compare, entry.record, activations, result)
+    return Answer(result, certificate, comparison)
 
 
 def render(request: Request, entry: Entry, answer: Answer, params) -> Response:
@@ -290,6 +302,7 @@ def render(request: Request, entry: Entry, answer: Answer, params) -> Response:
             "values": result.values.astype(np.float32),
             **{name: np.asarray(getattr(result, name)) for name in DIAGNOSTICS},
             **certificate_arrays(answer.certificate),
+            **{f"encoder_{name}": value for name, value in (answer.encoder or {}).items()},
         }
         return Response(write_safetensors(tensors), media_type=SAFETENSORS)
     return JSONResponse(response_body(answer, params, entry.record.labels))
@@ -314,13 +327,17 @@ def response_body(answer: Answer, params, labels: list[str] | None) -> dict:
     if params.output == "dense":
         body["dense"] = result.to_dense()
     else:
-        body["codes"] = sparse_codes(result, params.top, labels)
+        body["codes"] = sparse_codes(result.indices, result.values, params.top, labels)
     for name in DIAGNOSTICS:
         body[name] = np.asarray(getattr(result, name))
     body["duality_gap"] = finite_or_null(body["duality_gap"])
     body["messages"] = result.messages()
     for name, value in certificate_arrays(answer.certificate).items():
         body[name] = value.tolist() if name == "certified" else finite_or_null(value)
+    if answer.encoder is not None:
+        comparison = dict(answer.encoder)
+        indices, values = comparison.pop("indices"), comparison.pop("values")
+        body["encoder"] = {"codes": sparse_codes(indices, values, params.top, labels), **comparison}
     return body
 
 
@@ -329,9 +346,11 @@ def finite_or_null(values: np.ndarray) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
 
 
-def sparse_codes(result: solvers.UnfoldResult, top: int | None, labels) -> list[dict]:
+def sparse_codes(all_indices, all_values, top: int | None, labels) -> list[dict]:
+    """Per row of padded sparse codes: its `indices`, `values` (and `labels`), the `top`
+    largest |values| only when given."""
     codes = []
-    for indices, values in zip(result.indices, result.values, strict=True):
+    for indices, values in zip(all_indices, all_values, strict=True):
         keep = indices >= 0
         indices, values = indices[keep], values[keep]
         if top is not None and len(values) > top:

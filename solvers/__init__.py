@@ -19,6 +19,7 @@ from ._diagnostics import (
     coherence,
     l1_transition,
     recovery_curve,
+    synthetic_codes,
     welch_bound,
 )
 from ._dictionary import (
@@ -26,6 +27,7 @@ from ._dictionary import (
     PathChoice,
     available_bytes,
     choose_path,
+    choose_shard,
     default_scan,
     footprint,
     gram_bytes,
@@ -35,6 +37,7 @@ from ._lasso import FISTA, ISTA, Lasso
 from ._omp import OMP
 from ._plan import DEFAULT_BLOCK_ROWS, Plan, plan_for
 from ._result import STATUS_MESSAGES, Solution, Status, UnfoldResult
+from ._sharding import SHARDS
 from ._validation import check_dictionary, validate_dictionary
 
 MAX_ITER_LIMITS = {cls.name: cls.max_iter_limit for cls in (ISTA, FISTA, Lasso)}
@@ -48,6 +51,7 @@ __all__ = [
     "METHODS",
     "Lasso",
     "OMP",
+    "SHARDS",
     "STATUS_MESSAGES",
     "Certificate",
     "Coherence",
@@ -64,8 +68,10 @@ __all__ = [
     "coherence",
     "l1_transition",
     "recovery_curve",
+    "synthetic_codes",
     "welch_bound",
     "choose_path",
+    "choose_shard",
     "default_scan",
     "footprint",
     "gram_bytes",

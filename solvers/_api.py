@@ -17,6 +17,7 @@ from ._omp import OMP
 from ._plan import Plan, plan_for
 from ._products import einsum, matmul
 from ._result import ChunkSolution, Solution, UnfoldResult
+from ._sharding import mesh_of, over_rows, replicated, split
 from ._validation import check_activations, check_positive_int
 
 METHODS: dict[str, type] = {"omp": OMP, "ista": ISTA, "fista": FISTA, "lasso": Lasso}
@@ -112,7 +113,7 @@ def _plan_of(settings, dictionary: Dictionary, **overrides) -> Plan:
         dictionary.dtype,
         dictionary.path,
         dictionary.scan_atoms is None,
-        next(iter(dictionary.atoms.devices())),
+        dictionary.atoms.sharding,
         tuple(sorted(overrides.items())),
     )
     plan = _PLANS.get(key)
@@ -133,15 +134,20 @@ def run(settings, dictionary: Dictionary, x: np.ndarray, plan: Plan) -> UnfoldRe
 
     The batch is cut into calls, each padded so that any batch size reuses a handful of
     compiled programs (`Plan.calls`); ``plan.streams`` calls run at once, each from its own
-    thread (`run_in_lanes`; JAX releases the GIL while a call runs).
+    thread (`run_in_lanes`; JAX releases the GIL while a call runs). On several devices a
+    call's rows are split between them (``shard="rows"``) or given to each
+    (``shard="features"``).
     """
+    program, place = _solve_jit, jnp.asarray
+    if dictionary.shard is not None:
+        program, place = _program_on(dictionary, plan)
 
     def call(piece: tuple[range, int]) -> list[np.ndarray]:
         rows, n_padded = piece
         padded = np.zeros((n_padded, x.shape[1]), x.dtype)
         padded[: len(rows)] = x[rows.start : rows.stop]
         with precision(dictionary.dtype):  # thread-local: entered by each thread
-            out = _solve_jit(settings, dictionary, jnp.asarray(padded), plan)
+            out = program(settings, dictionary, place(padded), plan)
             return [np.asarray(field)[: len(rows)] for field in out]
 
     calls = plan.calls(x.shape[0])
@@ -212,6 +218,7 @@ def solve(settings, dictionary: Dictionary, x: jax.Array, plan: Plan | None = No
     """
     if plan is None:
         plan = plan_for(settings, dictionary)
+    dictionary = dictionary.unpadded()
     batch, d_model = x.shape
     if d_model != dictionary.d_model:
         raise ValueError(f"x has shape {x.shape}; it needs (batch, {dictionary.d_model})")
@@ -248,6 +255,19 @@ def solve(settings, dictionary: Dictionary, x: jax.Array, plan: Plan | None = No
 
 
 _solve_jit = jax.jit(solve, static_argnames="plan")
+
+
+def _program_on(dictionary: Dictionary, plan: Plan):
+    """(program, placement of a call's padded rows) for a dictionary on several devices."""
+    mesh = mesh_of(dictionary.devices)
+    if dictionary.shard == "features":
+        return _solve_jit, lambda rows: jax.device_put(rows, replicated(mesh))
+    if plan.shard != "rows" or plan.devices != mesh.size:
+        raise ValueError(
+            f"the dictionary's rows are split across {mesh.size} devices: use a plan from "
+            "plan_for for it"
+        )
+    return over_rows(solve, mesh), lambda rows: jax.device_put(rows, split(mesh))
 
 
 GATHER_WIDTH = 64

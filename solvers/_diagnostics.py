@@ -222,7 +222,7 @@ def recovery_curve(
     from ._api import unfold
 
     rng = np.random.default_rng(seed)
-    atoms = np.asarray(dictionary.atoms, np.float64)
+    atoms = np.asarray(dictionary.unpadded().atoms, np.float64)
     shares = []
     for k in ks:
         truth = synthetic_codes(trials, dictionary.n_features, k, positive=positive, rng=rng)

@@ -13,6 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._products import STRICT, matmul
+from ._sharding import (
+    check_shard,
+    device_bytes,
+    mesh_of,
+    place_features,
+    placement,
+    replicated,
+    resolve_devices,
+    split,
+)
 from ._validation import check_dictionary, check_dtype
 
 GRAM_MEMORY_FRACTION = 0.5
@@ -27,7 +37,10 @@ SCANS = ("float32", "bfloat16")
 class Dictionary(NamedTuple):
     """Feature directions and what every solve needs from them, computed once.
 
-    A NamedTuple of arrays, hence a JAX pytree: pass it straight into jitted code.
+    A NamedTuple of arrays, hence a JAX pytree: pass it straight into jitted code. On several
+    devices split by features (`solvers._sharding`), `atoms`, `scan_atoms` and the columns of
+    `gram` are padded with zero rows (columns) to a multiple of the device count (`unpadded`
+    drops them); `norms` has the true `n_features`.
 
     Attributes:
         atoms: feature directions, of shape (n_features, d_model).
@@ -52,7 +65,7 @@ class Dictionary(NamedTuple):
 
     @property
     def n_features(self) -> int:
-        return self.atoms.shape[0]
+        return self.norms.shape[0]
 
     @property
     def d_model(self) -> int:
@@ -69,8 +82,37 @@ class Dictionary(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        """Device memory of every array held."""
+        """Memory of every array held, counted once (however many devices hold a copy)."""
         return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self))
+
+    @property
+    def devices(self) -> tuple:
+        """The devices the dictionary lives on (in the order of their mesh)."""
+        return placement(self.atoms)[0]
+
+    @property
+    def shard(self) -> str | None:
+        """How it is split across its devices: "rows" (replicated on each, batches split),
+        "features" (atoms split), or None on one device."""
+        return placement(self.atoms)[1]
+
+    @property
+    def device_bytes(self) -> int:
+        """Memory it takes on each device (the most on any one)."""
+        return device_bytes(jax.tree_util.tree_leaves(self))
+
+    def unpadded(self) -> Dictionary:
+        """The dictionary without the zero rows that pad feature-sharded atoms (usable inside
+        jitted code: a slice on the shards' boundaries, which moves nothing); itself when
+        there are none."""
+        n = self.n_features
+        if self.atoms.shape[0] == n:
+            return self
+        return self._replace(
+            atoms=self.atoms[:n],
+            gram=None if self.gram is None else self.gram[:, :n],
+            scan_atoms=None if self.scan_atoms is None else self.scan_atoms[:n],
+        )
 
 
 def precision(dtype) -> contextlib.AbstractContextManager:
@@ -176,6 +218,17 @@ def choose_path(
     return PathChoice(fits, size, budget, reason)
 
 
+def choose_shard(
+    n_features: int, d_model: int, dtype="float32", *, gram: bool, scan: str, device=None
+) -> str:
+    """How to split a dictionary across several devices: by "features" when the prepared
+    dictionary (`footprint`) takes more than `GRAM_MEMORY_FRACTION` of the memory available
+    on one device (default: JAX's first), else by "rows" (a replica on each)."""
+    size = footprint(n_features, d_model, dtype, gram=gram, scan=scan)
+    fits = size <= available_bytes(device) * GRAM_MEMORY_FRACTION
+    return "rows" if fits else "features"
+
+
 def prepare(
     dictionary,
     bias=None,
@@ -184,6 +237,8 @@ def prepare(
     gram: bool | None = None,
     gram_budget_bytes: int | None = None,
     scan: str | None = None,
+    devices=None,
+    shard: str | None = None,
 ) -> Dictionary:
     """Validate a dictionary and precompute what every solve over it needs.
 
@@ -203,6 +258,12 @@ def prepare(
             "bfloat16" (selections stay those of float32: see `solvers._scan`); None:
             "bfloat16" on an accelerator (GPU, TPU) for a float32 matrix-free dictionary,
             else "float32".
+        devices: where it lives: None (JAX's first device), a count (the first that many of
+            `jax.devices()`) or a list of devices.
+        shard: on several devices, "rows" (a replica on each; batches are split) or
+            "features" (each device holds a block of the atoms and of the Gram matrix's
+            columns, placed from host memory a block at a time; see `solvers._sharding`);
+            None: `choose_shard`. Answers are those of one device.
 
     Raises:
         ValueError: non-2-D, empty, non-finite or all-zero rows, bias of the wrong shape.
@@ -218,6 +279,9 @@ def prepare(
         return dictionary
     if scan is not None and scan not in SCANS:
         raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+    if shard is not None:
+        check_shard(shard)
+    placed = None if devices is None else resolve_devices(devices)
     atoms, bias = check_dictionary(dictionary, bias, np_dtype)
     with_gram = choose_path(
         atoms.shape[0], np_dtype, gram=gram, gram_budget_bytes=gram_budget_bytes
@@ -226,6 +290,8 @@ def prepare(
         scan = default_scan(np_dtype, with_gram)
     if scan == "bfloat16" and np_dtype != np.float32:
         raise ValueError("a bfloat16 scan needs a float32 dictionary")
+    if placed is not None:
+        return _prepare_on(placed, shard, atoms, bias, np_dtype, with_gram, scan)
     with precision(np_dtype):
         atoms, bias = jnp.asarray(atoms), jnp.asarray(bias)
         norms = jnp.linalg.norm(atoms, axis=1)
@@ -234,6 +300,50 @@ def prepare(
         gram_matrix = gram_of(atoms) if with_gram else None
         scan_atoms, scan_error = _scan_atoms(atoms, norms) if scan == "bfloat16" else (None, None)
         return Dictionary(atoms, bias, norms, gram_matrix, lipschitz, scan_atoms, scan_error)
+
+
+def _prepare_on(devices: list, shard, atoms, bias, dtype, with_gram: bool, scan: str):
+    """`prepare` on `devices`: on one, as on JAX's first; on several, replicated from one
+    device's dictionary ("rows"), or split by features."""
+    if len(devices) == 1:
+        with jax.default_device(devices[0]):
+            return prepare(atoms, bias, dtype=dtype.name, gram=with_gram, scan=scan)
+    if shard is None:
+        n_features, d_model = atoms.shape
+        shard = choose_shard(n_features, d_model, dtype, gram=with_gram, scan=scan)
+    mesh = mesh_of(tuple(devices))
+    if shard == "rows":
+        with jax.default_device(devices[0]):
+            single = prepare(atoms, bias, dtype=dtype.name, gram=with_gram, scan=scan)
+        return jax.device_put(single, replicated(mesh))
+    with precision(dtype):
+        placed = place_features(atoms, mesh)
+        norms, lipschitz, gram_matrix, scan_atoms, scan_error = _feature_arrays(
+            placed, atoms.shape[0], mesh, with_gram, scan == "bfloat16"
+        )
+        bias = jax.device_put(bias, replicated(mesh))
+        return Dictionary(placed, bias, norms, gram_matrix, lipschitz, scan_atoms, scan_error)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _feature_arrays(atoms: jax.Array, n_features: int, mesh, with_gram: bool, with_scan: bool):
+    """(norms, lipschitz, gram, scan_atoms, scan_error) of feature-sharded `atoms` (padded),
+    each device computing its features' share: the norms and the Lipschitz constant (from the
+    sum of the shards' ``atoms.T @ atoms``) replicated, the Gram matrix's and the scan atoms'
+    blocks split like the atoms."""
+    norms = jnp.linalg.norm(atoms, axis=1)
+    lipschitz = jnp.linalg.eigvalsh(matmul(atoms.T, atoms))[-1]
+    gram_matrix = scan_atoms = scan_error = None
+    if with_gram:  # (n_features, padded): each device holds the columns of its features
+        gram_matrix = jax.lax.dot_general(
+            atoms[:n_features], atoms, (((1,), (1,)), ((), ())), precision=STRICT
+        )
+        gram_matrix = jax.lax.with_sharding_constraint(gram_matrix, split(mesh, axis=1))
+    if with_scan:  # padding rows: norm 1, no rounding error
+        scan_atoms, scan_error = _scan_atoms(atoms, jnp.where(norms > 0, norms, 1.0))
+        scan_error = jax.lax.with_sharding_constraint(scan_error, replicated(mesh))
+    constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=replicated(mesh))
+    return constrain(norms[:n_features]), constrain(lipschitz), gram_matrix, scan_atoms, scan_error
 
 
 def gram_of(atoms: jax.Array) -> jax.Array:

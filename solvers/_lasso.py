@@ -141,7 +141,7 @@ class _L1Settings:
     ):
         if alpha is None:
             raise ValueError(f"{cls.name} needs alpha, the l1 penalty (a number >= 0)")
-        n_features, d_model = dictionary.atoms.shape
+        n_features, d_model = dictionary.n_features, dictionary.d_model
         width = min(n_features, d_model)
         return cls(
             alpha=check_nonnegative("alpha", alpha),

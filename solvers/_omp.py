@@ -85,7 +85,7 @@ class OMP:
         """Validated settings; `k` defaults to d_model when only `tol` is given."""
         if k is None and tol is None:
             raise ValueError("omp needs k (maximum number of atoms) or tol (residual norm)")
-        n_features, d_model = dictionary.atoms.shape
+        n_features, d_model = dictionary.n_features, dictionary.d_model
         k = d_model if k is None else check_positive_int("k", k, upper=n_features)
         tol = 0.0 if tol is None else check_nonnegative("tol", tol)
         if not isinstance(positive, bool | np.bool_):

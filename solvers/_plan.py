@@ -2,8 +2,9 @@
 
 A `Plan` says how many rows a compiled call takes, how many of them are solved together,
 how many calls run at once, whether a call must run alone, which argmax kernel selects atoms
-and in which precision OMP scans correlations. `plan_for` chooses one from the backend, the
-dictionary and the device's memory; every field can be overridden.
+in which precision OMP scans correlations and how a call is split across devices.
+`plan_for` chooses one from the backend, the dictionary (and where it lives) and the device's
+memory; every field can be overridden.
 
 - CPU (tuned on 2 cores, jaxlib 0.10): small chunks mapped one after another inside a call
   (a row's working set stays in cache), one call per core at once (XLA's CPU runtime runs
@@ -13,6 +14,9 @@ dictionary and the device's memory; every field can be overridden.
 - Accelerators (GPU, TPU): a whole call is one chunk, as many rows as a quarter of the free
   device memory holds (at most `ACCELERATOR_MAX_ROWS`), one stream, native argmax, no lock,
   and OMP's bfloat16 scan with float32 re-scoring where the dictionary was prepared for it.
+- Several devices (`solvers._sharding`): split by rows, a call takes a block of rows for
+  each device, padded to a multiple of the device count; split by features, one call at a
+  time (the devices exchange partial results inside it).
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ class Plan:
         native_argmax: select atoms with ``jnp.argmax`` (else a vectorised two-level search).
         scan: OMP's correlation scan on the matrix-free path, "float32" or "bfloat16" (float32
             selections either way: `solvers._scan`).
+        shard: the dictionary's split across devices: None (one device), "rows" or "features".
+        devices: how many devices it lives on; split by rows, a call's padded rows are a
+            multiple of it.
     """
 
     backend: str
@@ -72,15 +79,27 @@ class Plan:
     run_alone: bool = False
     native_argmax: bool = False
     scan: str = "float32"
+    shard: str | None = None
+    devices: int = 1
 
     def calls(self, n_rows: int) -> list[tuple[range, int]]:
         """(rows, padded rows) of each compiled call that a batch of `n_rows` runs as
-        (`split_rows`, `padded_rows`): with given settings and dictionary, one program per
-        padded size."""
+        (`split_rows`, `padded_rows`, then `shared_rows` when split by rows): with given
+        settings and dictionary, one program per padded size."""
+        sizes = (self.chunk_rows, self.block_rows, self.min_rows)
         return [
-            (rows, padded_rows(len(rows), self.chunk_rows, self.block_rows, self.min_rows))
+            (rows, self.shared_rows(padded_rows(len(rows), *sizes)))
             for rows in split_rows(n_rows, self.chunk_rows, self.block_rows, self.streams)
         ]
+
+    def shared_rows(self, n_padded: int) -> int:
+        """Split by rows: `n_padded` rows grown to the same whole number of chunks for each
+        device (a device solves chunks of the rows one device would solve together, so its
+        answers are one device's); else `n_padded`."""
+        if self.shard != "rows":
+            return n_padded
+        unit = min(self.chunk_rows, n_padded)
+        return -(-n_padded // (unit * self.devices)) * unit * self.devices
 
 
 def padded_rows(n_rows: int, chunk_rows: int, block_rows: int, min_rows: int = 1) -> int:
@@ -149,6 +168,17 @@ def plan_for(
     else:
         plan = _accelerator_plan(settings, dictionary, gram, backend)
     plan = dataclasses.replace(plan, scan=scan)
+    shard = dictionary.shard
+    if shard is not None:
+        n_devices = len(dictionary.devices)
+        plan = dataclasses.replace(
+            plan,
+            shard=shard,
+            devices=n_devices,
+            # Split by rows: each device takes a call's worth; split by features: one call.
+            block_rows=plan.block_rows * n_devices if shard == "rows" else plan.block_rows,
+            streams=plan.streams if shard == "rows" else 1,
+        )
     if chunk_rows is not None:
         plan = dataclasses.replace(plan, chunk_rows=chunk_rows)
     if streams is not None:

@@ -61,7 +61,9 @@ def describe(entry: Entry) -> DictionaryInfo:
         placement=Placement(
             gram_bytes=entry.path_choice.gram_bytes,
             gram_budget_bytes=entry.path_choice.budget_bytes,
-            device_bytes=entry.prepared.nbytes,
+            device_bytes=entry.prepared.device_bytes,
+            devices=[str(device) for device in entry.prepared.devices],
+            shard=entry.prepared.shard,
             scan="float32" if entry.prepared.scan_atoms is None else "bfloat16",
             reason=entry.path_choice.reason,
         ),
@@ -69,6 +71,7 @@ def describe(entry: Entry) -> DictionaryInfo:
         labels=len(record.labels or ()),
         metadata=record.metadata,
         created_at=record.created_at,
+        encoder=None if record.encoder is None else record.encoder.describe(),
     )
 
 
@@ -193,6 +196,8 @@ async def _read_multipart(request: Request) -> dict:
 async def create_dictionary(request: Request, registry: RegistryDep, settings: SettingsDep):
     registration = await read_registration(request, settings)
     entry, created = await run_in_threadpool(lambda: registry.register(**registration))
+    if created and settings.reports:
+        request.app.state.reports.schedule(entry)
     if created and settings.warmup:  # compile its default programs before the first request
         background = request.app.state.background
         background.start(

@@ -29,6 +29,13 @@ EXAMPLE = {
         "requests_bytes": 0,
     },
     "gram_budget_bytes": None,
+    "placement": {
+        "devices": ["cpu:0"],
+        "shard": "auto",
+        "dictionaries": [
+            {"name": "demo", "devices": ["cpu:0"], "shard": None, "device_bytes": 1049088}
+        ],
+    },
     "auth": False,
     "cors": False,
 }
@@ -67,6 +74,19 @@ async def info(settings: SettingsDep, registry: RegistryDep) -> dict:
             **{f"{kind}_bytes": used for kind, used in budget.used.items()},
         },
         "gram_budget_bytes": settings.gram_budget_bytes,
+        "placement": {
+            "devices": [str(device) for device in registry.devices],
+            "shard": registry.shard,
+            "dictionaries": [
+                {
+                    "name": entry.record.name,
+                    "devices": [str(device) for device in entry.prepared.devices],
+                    "shard": entry.prepared.shard,
+                    "device_bytes": entry.prepared.device_bytes,
+                }
+                for entry in registry.entries()
+            ],
+        },
         "auth": bool(settings.api_keys),
         "cors": bool(settings.cors_origins),
     }

@@ -13,8 +13,12 @@ from service import Settings, create_app
 
 @contextlib.contextmanager
 def running_client(data_dir, **overrides):
-    """A TestClient whose app has finished loading its stored dictionaries."""
-    app = create_app(Settings(data_dir=data_dir, **overrides))
+    """A TestClient whose app has finished loading its stored dictionaries. Reports are
+    computed only when asked for (tests/service/test_reports.py), and JAX's persistent
+    compilation cache, a process-wide setting, stays off in the test process (servers started
+    as processes use it), unless `overrides` say."""
+    defaults = {"reports": False, "compilation_cache": False}
+    app = create_app(Settings(data_dir=data_dir, **{**defaults, **overrides}))
     with TestClient(app) as client:
         app.state.loader.join(timeout=60)
         assert app.state.registry.ready.is_set()

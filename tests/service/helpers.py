@@ -67,8 +67,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(data_dir, port: int | None = None, *, env=None, headers=None, timeout: float = 90.0):
-    """Run `unfold serve` on 127.0.0.1 until the block ends (extra UNFOLD_* variables in `env`);
-    yield an httpx client (with `headers`) once it is ready. The server's output goes to
+    """Run `unfold serve` on 127.0.0.1 until the block ends (extra UNFOLD_* variables in `env`;
+    reports are computed only when asked for unless `env` says UNFOLD_REPORTS=true); yield an
+    httpx client (with `headers`) once it is ready. The server's output goes to
     `server_log(data_dir)`."""
     port = free_port() if port is None else port
     with open(server_log(data_dir), "wb") as output:
@@ -77,7 +78,7 @@ def serve(data_dir, port: int | None = None, *, env=None, headers=None, timeout:
              "--data-dir", str(data_dir)],
             stdout=output,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "UNFOLD_REPORTS": "false", **(env or {})},
         )  # fmt: skip
         try:
             deadline = time.monotonic() + timeout

@@ -95,7 +95,7 @@ def test_register_with_bias_and_from_files(client, tmp_path):
         client.delete(name)
 
 
-def test_a_saelens_folder_registers_as_its_decoder_alone(client, tmp_path):
+def test_a_saelens_folder_registers_with_or_without_its_encoder(client, tmp_path):
     rng = np.random.default_rng(5)
     tensors = {
         "W_enc": rng.standard_normal((256, 4096)).astype(np.float32),
@@ -109,13 +109,23 @@ def test_a_saelens_folder_registers_as_its_decoder_alone(client, tmp_path):
     client._http.event_hooks["request"].append(
         lambda request: sizes.append(int(request.headers.get("content-length", 0)))
     )
-    info = client.register_saelens("big-sae", tmp_path, progress=lambda *a: progress.append(a))
+    info = client.register_saelens(
+        "big-sae", tmp_path, progress=lambda *a: progress.append(a), encoder=False
+    )
     assert (info["n_features"], info["d_model"], info["has_bias"]) == (4096, 256, True)
+    assert info["encoder"] is None
     decoder = tensors["W_dec"].nbytes + tensors["b_dec"].nbytes
     assert decoder < sizes[0] < decoder + 4096  # W_enc (4 MB) stayed home
     assert progress[-1] == (sizes[0], sizes[0])
     direct = client.register("big-sae", tensors["W_dec"], bias=tensors["b_dec"])
     assert direct["id"] == info["id"]  # the same dictionary
+    client.delete("big-sae")
+    with_encoder = client.register_saelens("big-sae", tmp_path)  # the default keeps it
+    assert (
+        with_encoder["id"] == info["id"] and with_encoder["encoder"]["architecture"] == "standard"
+    )
+    encoder = tensors["W_enc"].nbytes + tensors["b_enc"].nbytes
+    assert decoder + encoder < sizes[-1] < decoder + encoder + 4096
     client.delete("big-sae")
 
 

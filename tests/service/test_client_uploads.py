@@ -113,14 +113,17 @@ def test_a_subset_keeps_the_tensors_dtype(tmp_path):
     assert whole[8 + header_size :] == bf16 + f16.tobytes()
 
 
-def test_register_saelens_uploads_only_the_decoder(tmp_path):
+@pytest.mark.parametrize("encoder", [True, False], ids=["with-encoder", "decoder-only"])
+def test_register_saelens_uploads_only_what_the_server_keeps(tmp_path, encoder):
     tensors = make_sae(tmp_path / "sae", n_features=2048, d_model=128)
+    tensors["other"] = np.zeros((64, 64), np.float32)  # neither decoder nor encoder: stays home
+    save_file(tensors, tmp_path / "sae" / "sae_weights.safetensors")
     weights = tmp_path / "sae" / "sae_weights.safetensors"
     transport, seen = recording_transport()
     progress = []
     with UnfoldClient("http://unfold.test", transport=transport) as client:
         info = client.register_saelens(
-            "sae", tmp_path / "sae", progress=lambda *a: progress.append(a)
+            "sae", tmp_path / "sae", progress=lambda *a: progress.append(a), encoder=encoder
         )
     assert info == CREATED
     [(request, body)] = seen
@@ -136,12 +139,14 @@ def test_register_saelens_uploads_only_the_decoder(tmp_path):
     )
     assert parts["cfg"][1] == (tmp_path / "sae" / "cfg.json").read_bytes()
     uploaded = load_safetensors(parts["file"][1])
-    assert set(uploaded) == {"W_dec", "b_dec"}
-    np.testing.assert_array_equal(uploaded["W_dec"], tensors["W_dec"])
-    np.testing.assert_array_equal(uploaded["b_dec"], tensors["b_dec"])
-    # W_enc (as large as W_dec), b_enc and threshold stayed home: about half the file.
-    decoder = tensors["W_dec"].nbytes + tensors["b_dec"].nbytes
-    assert decoder < len(body) < decoder + 2048 < 0.55 * weights.stat().st_size
+    sent = {"W_dec", "b_dec"} | ({"W_enc", "b_enc", "threshold"} if encoder else set())
+    assert set(uploaded) == sent
+    for name in sent:
+        np.testing.assert_array_equal(uploaded[name], tensors[name])
+    payload = sum(tensors[name].nbytes for name in sent)
+    assert payload < len(body) < payload + 2048
+    if not encoder:  # W_enc (as large as W_dec), b_enc and threshold stayed home
+        assert len(body) < 0.55 * weights.stat().st_size
     # Progress: from 0 to the whole body, in order.
     assert progress[0] == (0, len(body)) and progress[-1] == (len(body), len(body))
     assert [sent for sent, _ in progress] == sorted(sent for sent, _ in progress)

@@ -53,7 +53,7 @@ def test_register_returns_content_addressed_id(client, toy):
     assert stable(client.get(f"/v1/dictionaries/{info['id']}").json()) == stable(info)
     assert stable(client.get("/v1/dictionaries/toy").json()) == stable(info)
     names = {d["name"] for d in client.get("/v1/dictionaries").json()["dictionaries"]}
-    assert names == {"demo", "toy"}
+    assert names == {"demo", "toy-model", "toy"}
 
 
 def test_registering_again_is_idempotent(client, toy):
@@ -115,7 +115,7 @@ def test_partial_write_is_invisible_and_damaged_entry_skipped(tmp_path):
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "id": "0" * 24}))
     with running_client(tmp_path) as client:
         names = {d["name"] for d in client.get("/v1/dictionaries").json()["dictionaries"]}
-        assert names == {"demo", "good"}  # demo: the store held no valid dictionary
+        assert names == {"demo", "toy-model", "good"}  # demo: the store held no valid dictionary
         assert client.get(f"/v1/dictionaries/{good['id']}").status_code == 200
     assert not any((tmp_path / "staging").iterdir())
 
@@ -185,7 +185,7 @@ def test_an_app_started_again_loads_and_warms_again(tmp_path):
 
     from service import Settings, create_app
 
-    app = create_app(Settings(data_dir=tmp_path))
+    app = create_app(Settings(data_dir=tmp_path, reports=False, compilation_cache=False))
     for _ in range(2):
         with TestClient(app) as client:
             app.state.loader.join(timeout=60)
@@ -209,7 +209,7 @@ def test_unknown_names_are_404_once_loaded_even_while_warm_up_runs(tmp_path, mon
 
     release = threading.Event()
     monkeypatch.setattr(service.app, "warmup", lambda *args, **kwargs: release.wait(30))
-    app = create_app(Settings(data_dir=tmp_path, compilation_cache=False))
+    app = create_app(Settings(data_dir=tmp_path, compilation_cache=False, reports=False))
     try:
         with TestClient(app) as client:
             assert app.state.registry.loaded.wait(30)

@@ -131,7 +131,7 @@ def test_sigkill_during_a_large_upload_leaves_no_partial_dictionary(tmp_path, po
             uploading.result()
     with serve(str(tmp_path), env=QUIET) as client:
         names = {entry["name"] for entry in client.get("/v1/dictionaries").json()["dictionaries"]}
-        assert names in ({"demo", "keep"}, {"demo", "keep", "big"}), names
+        assert names in ({"demo", "toy-model", "keep"}, {"demo", "keep", "big"}), names
         if "big" in names:  # stored whole before the kill: then it must be complete and served
             assert point == "after-body"
             info = client.get("/v1/dictionaries/big").json()
@@ -160,7 +160,7 @@ def test_a_damaged_stored_array_file_is_skipped(tmp_path, damage):
     arrays.write_bytes(bytes(body))
     with running_client(tmp_path, warmup=False) as client:
         names = {entry["name"] for entry in client.get("/v1/dictionaries").json()["dictionaries"]}
-        assert names == {"demo", "keep"}
+        assert names == {"demo", "toy-model", "keep"}
         assert client.get("/v1/dictionaries/bad").status_code == 404
         assert_keep_served(client, keep.json()["id"])
         assert client.get("/healthz").status_code == 200
@@ -257,7 +257,7 @@ def test_a_full_disk_is_507_and_nothing_is_corrupted(tmp_path):
                 assert shutil.disk_usage(data_dir).free >= free - 2**20
         with server_process(data_dir, env={"TMPDIR": str(data_dir)}) as (_, client):
             listing = client.get("/v1/dictionaries").json()["dictionaries"]
-            assert {entry["name"] for entry in listing} == {"demo", "keep"} | stored
+            assert {entry["name"] for entry in listing} == {"demo", "toy-model", "keep"} | stored
             assert_keep_served(client, keep_id)
 
 

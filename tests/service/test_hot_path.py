@@ -59,7 +59,9 @@ def test_an_unexpected_error_on_the_direct_route_is_a_500_and_counted(tmp_path, 
         raise RuntimeError("boom")
 
     monkeypatch.setattr(unfolding, "render", broken)
-    app = create_app(Settings(data_dir=tmp_path, warmup=False))
+    app = create_app(
+        Settings(data_dir=tmp_path, warmup=False, reports=False, compilation_cache=False)
+    )
     with TestClient(app, raise_server_exceptions=False) as client:
         app.state.loader.join(timeout=60)
         response = client.post("/v1/dictionaries/demo/unfold", json={"activations": ACTIVATION})

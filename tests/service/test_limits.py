@@ -16,7 +16,7 @@ from service.dependencies import BatcherDep
 from service.limits import BodyLimitMiddleware
 from tests.service.conftest import running_client
 
-QUIET = {"demo": False, "warmup": False, "compilation_cache": False}
+QUIET = {"demo": False, "warmup": False, "compilation_cache": False, "reports": False}
 
 
 def test_body_over_the_limit_by_content_length_is_413(tmp_path):

@@ -309,7 +309,7 @@ def test_a_tampered_manifest_is_skipped(tmp_path, caplog):
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": "demo"}))
     with caplog.at_level(logging.ERROR), running_client(tmp_path, warmup=False) as client:
         names = [e["name"] for e in client.get("/v1/dictionaries").json()["dictionaries"]]
-        assert names == ["demo"]  # one demo (seeded on a store without valid dictionaries)
+        assert names == ["demo", "toy-model"]  # one demo of each (seeded on an empty store)
         assert_healthy(client)
     assert any("does not match the digest" in record.getMessage() for record in caplog.records)
 
