@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import gc
+
+import jax
 import numpy as np
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Release each test module's compiled programs once it ends. Every XLA CPU program holds
+    a few memory mappings of its machine code until JAX's caches drop it; a test run compiles
+    tens of thousands of programs in one process, and past Linux's vm.max_map_count (65530)
+    the next compilation crashes the process."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 def sparse_problem(
