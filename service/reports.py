@@ -4,8 +4,10 @@ A report holds the dictionary's norms, its coherence against the Welch bound (wi
 similar feature pairs) and its empirical recovery curves (OMP and l1, signed and non-negative
 codes, simulated on the dictionary itself: `solvers.recovery_curve`) with the recommended k of
 each, next to the theoretical l1 transition of a Gaussian dictionary of the same shape. It is
-computed once per dictionary in a background thread, after registration (or at start-up for a
-stored dictionary without one), and stored as ``report.json`` next to the dictionary's arrays.
+computed once per dictionary, after registration (or at start-up for a stored dictionary
+without one), by a child process that a background thread starts one at a time (the programs
+a report compiles leave with it), and stored as ``report.json`` next to the dictionary's
+arrays.
 A dictionary larger than `ReportSettings.max_features` is analysed on a random sample of its
 features, which the report says.
 """
@@ -19,6 +21,9 @@ import logging
 import math
 import os
 import queue
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +35,7 @@ import solvers
 
 from .background import BackgroundWork
 from .registry import Entry
+from .store import DictionaryStore
 
 log = logging.getLogger(__name__)
 
@@ -326,36 +332,74 @@ class Reports:
                 continue
             dictionary_id = entry.record.id
             self._set(dictionary_id, state="running", started_at=now())
-            try:
-                report = build_report(entry, self.settings, stopping)
-                self._write(dictionary_id, report)
-            except Stopped:
+            outcome = self._compute_apart(dictionary_id, stopping)
+            if outcome == "stopped":
                 self._set(dictionary_id, state="queued")
                 return
-            except Exception as error:
-                log.exception("report of dictionary %s failed", entry.record.name)
-                self._set(dictionary_id, state="failed", error=str(error))
+            if outcome is not None:
+                log.error("report of dictionary %s failed: %s", entry.record.name, outcome)
+                self._set(dictionary_id, state="failed", error=outcome)
                 continue
             self._set(dictionary_id, state="ready")
+
+    def _compute_apart(self, dictionary_id: str, stopping: threading.Event) -> str | None:
+        """Compute and write a report in a child process (`main`): the programs it compiles,
+        tens per dictionary, leave with it instead of staying in the server's memory. Returns
+        None when done, "stopped" at shutdown (the child is ended, nothing is written), or
+        what went wrong."""
+        settings = self.settings
+        limits = (settings.max_features, settings.trials, settings.curve_seconds)
+        command = [sys.executable, "-m", "service.reports", str(self.root), dictionary_id,
+                   *(str(limit) for limit in limits)]  # fmt: skip
+        env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # share an accelerator
+        with tempfile.TemporaryFile() as errors:
+            child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env)
+            while child.poll() is None:
+                if stopping.wait(0.5):
+                    child.terminate()
+                    child.wait()
+                    return "stopped"
+            if child.returncode == 0:
+                return None
+            errors.seek(0)
+            tail = errors.read().decode(errors="replace").strip().splitlines()[-1:]
+            return f"exit status {child.returncode}: {' '.join(tail)}"
 
     def _set(self, dictionary_id: str, **state) -> None:
         with self._lock:
             self._states[dictionary_id] = state
 
-    def _write(self, dictionary_id: str, report: dict[str, Any]) -> None:
-        """Write atomically; a dictionary deleted meanwhile keeps no report."""
-        folder = self.root / dictionary_id
-        if not folder.is_dir():
-            return
-        temporary = folder / f".{REPORT_FILE}.{os.getpid()}.tmp"
-        try:
-            temporary.write_text(json.dumps(report))
-            os.replace(temporary, folder / REPORT_FILE)
-        except OSError:
-            temporary.unlink(missing_ok=True)
-            if folder.is_dir():
-                raise
-
 
 def now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def write(root: Path, dictionary_id: str, report: dict[str, Any]) -> None:
+    """Write atomically; a dictionary deleted meanwhile keeps no report."""
+    folder = Path(root) / dictionary_id
+    if not folder.is_dir():
+        return
+    temporary = folder / f".{REPORT_FILE}.{os.getpid()}.tmp"
+    try:
+        temporary.write_text(json.dumps(report))
+        os.replace(temporary, folder / REPORT_FILE)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        if folder.is_dir():
+            raise
+
+
+def main(argv: list[str]) -> int:
+    """``python -m service.reports ROOT ID MAX_FEATURES TRIALS CURVE_SECONDS``: compute the
+    report of the stored dictionary ROOT/ID and write it beside it."""
+    root, dictionary_id, max_features, trials, curve_seconds = argv
+    record = DictionaryStore.load(Path(root) / dictionary_id)
+    prepared = solvers.prepare(record.directions, record.bias, gram=False)
+    entry = Entry(record, prepared, path_choice=None)
+    settings = ReportSettings(int(max_features), int(trials), float(curve_seconds))
+    write(Path(root), dictionary_id, build_report(entry, settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

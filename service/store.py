@@ -249,7 +249,8 @@ class DictionaryStore:
             except Exception as error:  # a damaged entry must not stop the others loading
                 log.error("skipping damaged dictionary %s: %s", folder.name, error)
 
-    def load(self, folder: Path) -> DictionaryRecord:
+    @staticmethod
+    def load(folder: Path) -> DictionaryRecord:
         """The dictionary stored in `folder`; ValueError when its arrays or its manifest do not
         match what was stored."""
         text = (folder / MANIFEST).read_bytes()
@@ -265,7 +266,7 @@ class DictionaryStore:
         actual = content_id(directions, bias)
         if actual != manifest["id"] or folder.name != actual:
             raise ValueError(f"content hash {actual} does not match id {manifest['id']}")
-        encoder, encoder_sha256 = self._load_encoder(folder, manifest.get("encoder"))
+        encoder, encoder_sha256 = DictionaryStore._load_encoder(folder, manifest.get("encoder"))
         return DictionaryRecord(
             id=actual,
             name=manifest["name"],

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -203,3 +204,17 @@ def test_the_encoder_section_compares_the_saes_encoder_with_unfold(client):
     page = report_page.render(entry, "ready", report, refresh_s=5)
     assert 'id="encoder-plot"' in page and page.count('class="encoder-curve"') == 2
     assert '"encoder": true' in page  # the playground asks for the comparison
+
+
+def test_reports_are_computed_in_a_child_process_that_shutdown_ends(client, tmp_path):
+    """The child writes the report (its compiled programs leave with it); shutdown ends it
+    and nothing is written; a failure says why."""
+    registry, store_root = client.app.state.registry, client.app.state.registry.store.root
+    entry = registry.get("demo")
+    work = reports.Reports(store_root, client.app.state.background, reports.ReportSettings())
+    stopping = threading.Event()
+    threading.Timer(2.0, stopping.set).start()
+    assert work._compute_apart(entry.record.id, stopping) == "stopped"
+    assert not (store_root / entry.record.id / "report.json").exists()
+    failure = work._compute_apart("0" * 24, threading.Event())
+    assert failure.startswith("exit status 1") and "manifest.json" in failure
