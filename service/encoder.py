@@ -90,9 +90,9 @@ class Encoder:
 
 def decode(directions, bias, indices: np.ndarray, values: np.ndarray) -> np.ndarray:
     """``codes @ directions + bias`` of padded sparse codes, gathering only the used rows."""
-    safe = np.maximum(indices, 0)
-    used = np.asarray(directions[np.unique(safe)], np.float32)
-    position = np.searchsorted(np.unique(safe), safe)
+    features, position = np.unique(np.maximum(indices, 0), return_inverse=True)
+    used = np.asarray(directions[features], np.float32)
+    position = position.reshape(indices.shape)
     out = np.einsum("bk,bkd->bd", np.where(indices >= 0, values, 0), used[position])
     return out if bias is None else out + bias
 
