@@ -22,6 +22,7 @@ from .limits import BodyLimitMiddleware
 from .logs import configure_logging
 from .memory import MemoryBudget
 from .metrics import Metrics, MetricsMiddleware
+from .parsing import JsonParser
 from .programs import Programs
 from .registry import Registry
 from .reports import Reports, ReportSettings
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         yield
         await app.state.batcher.close()
+        app.state.json_parser.close()
         # At most one compilation to wait for (warm-up checks `stopping` between them).
         await asyncio.to_thread(app.state.background.stop, SHUTDOWN_WAIT_SECONDS)
 
@@ -143,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics.watch_memory(app.state.registry.budget)
     app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
     app.state.background = BackgroundWork()
+    app.state.json_parser = JsonParser()
     app.state.reports = Reports(
         app.state.registry.store.root,
         app.state.background,

@@ -181,6 +181,23 @@ class InferRequest:
     binary_output: bool
 
 
+def json_length(body: bytes, header_length: str | None) -> int:
+    """How many of the body's bytes are JSON: the `Inference-Header-Content-Length` when
+    binary tensor data follows, else all."""
+    try:
+        return min(len(body), int(header_length)) if header_length is not None else len(body)
+    except ValueError:
+        return len(body)
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None, max_rows: int, d_model: int
+) -> tuple[InferRequest, np.ndarray]:
+    """The decoded request and its activations as a float32 (batch, d_model) array."""
+    decoded = decode_infer_request(body, header_length, max_rows)
+    return decoded, unfolding.activations_array(decoded.activations, d_model)
+
+
 def decode_infer_request(body: bytes, header_length: str | None, max_rows: int) -> InferRequest:
     """Parse an inference request (JSON, optionally followed by binary tensor data). An input
     of more than `max_rows` rows is refused (`too_many_rows`) from its declared shape, before

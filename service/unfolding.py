@@ -27,6 +27,7 @@ from .formats import (
     write_npy,
     write_safetensors,
 )
+from .parsing import off_loop, parse_json
 from .programs import Programs
 from .registry import Entry
 from .responses import JSONResponse
@@ -65,8 +66,8 @@ async def parse_request(request: Request, d_model: int, max_rows: int) -> tuple[
     an `.npy` body with the params in the query string.
 
     More than `max_rows` rows is a 422 `too_many_rows`, found before the rows are converted
-    (from the `.npy` header; from the JSON list's length). Bodies over `OFFLOAD_BYTES` are
-    parsed on a worker thread: the event loop serves other requests meanwhile.
+    (from the `.npy` header; from the JSON list's length). Large bodies are parsed off the
+    event loop (`parsing`): it serves other requests meanwhile.
     """
     body = await request.body()
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
@@ -88,22 +89,7 @@ async def parse_request(request: Request, d_model: int, max_rows: int) -> tuple[
             "with a JSON body, put them in the JSON object",
             code="invalid_request",
         )
-    return await off_loop(len(body), _json_request, body, d_model, max_rows)
-
-
-OFFLOAD_BYTES = 1 << 20
-"""Request bodies larger than this are parsed on a worker thread (`off_loop`)."""
-
-
-async def off_loop(size: int, function, *args):
-    """`function(*args)`, on a worker thread when `size` (bytes to parse) passes
-    `OFFLOAD_BYTES`. Parsing there lets the event loop run between the parser's steps: numpy's
-    conversions and zlib release the interpreter, and JSON arrays are checked a block at a
-    time (`formats.json_array`). One step still holds it throughout: `orjson.loads` of the
-    whole body (about 0.25 s for 40 MB on one core; bodies are at most UNFOLD_MAX_BODY_BYTES)."""
-    if size > OFFLOAD_BYTES:
-        return await run_in_threadpool(function, *args)
-    return function(*args)
+    return await parse_json(request, len(body), _json_request, body, d_model, max_rows)
 
 
 def _npy_activations(body: bytes, d_model: int, max_rows: int) -> np.ndarray:

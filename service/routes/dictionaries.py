@@ -26,6 +26,7 @@ from ..formats import (
     map_file,
     open_npy,
 )
+from ..parsing import parse_json
 from ..registry import Entry
 from ..schemas import (
     DictionaryAttributes,
@@ -88,7 +89,7 @@ async def read_registration(request: Request, settings) -> dict:
     staging = request.app.state.registry.store.staging
     if content_type == "application/json":
         body = await read_capped(request, settings.max_body_bytes, JSON_ADVICE)
-        return await unfolding.off_loop(len(body), _json_registration, body)
+        return await parse_json(request, len(body), _json_registration, body)
     if content_type in (NPY, SAFETENSORS):
         allowed = ("name",) if content_type == NPY else ("name", "tensor", "bias_tensor")
         query = unfolding.query_values(request, allowed)

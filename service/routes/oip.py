@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -27,6 +26,7 @@ from ..errors import (
     allowed_methods,
     describe_validation_errors,
 )
+from ..parsing import OFFLOAD_BYTES, off_loop, parse_json
 from ..responses import JSONResponse
 
 
@@ -161,14 +161,15 @@ async def infer(
     encoding = oip.content_encoding(request.headers.get("content-encoding"))
     header_length = request.headers.get(oip.HEADER_LENGTH)
 
-    def parse() -> tuple[oip.InferRequest, np.ndarray]:
-        expanded = oip.decompress(body, encoding, settings.max_body_bytes)
-        decoded = oip.decode_infer_request(expanded, header_length, settings.max_rows)
-        return decoded, unfolding.activations_array(decoded.activations, entry.record.d_model)
-
     # A compressed body's expanded size is unknown until it is expanded: off the loop too.
-    size = len(body) if encoding == "identity" else math.inf
-    decoded, activations = await unfolding.off_loop(size, parse)
+    if encoding != "identity":
+        body = await off_loop(math.inf, oip.decompress, body, encoding, settings.max_body_bytes)
+    args = (body, header_length, settings.max_rows, entry.record.d_model)
+    json_bytes = oip.json_length(body, header_length)
+    if json_bytes > OFFLOAD_BYTES:
+        decoded, activations = await parse_json(request, json_bytes, oip.parse_infer_request, *args)
+    else:  # a small JSON header, maybe with large binary tensor data
+        decoded, activations = await off_loop(len(body), oip.parse_infer_request, *args)
     nbytes = memory.request_bytes(
         activations.shape[0],
         entry.record.d_model,

@@ -7,6 +7,7 @@ healthy after it (`/healthz`, the list of dictionaries, a correct unfold)."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import oip, unfolding
+from service import oip, parsing, unfolding
 from service.demo import demo_dictionary
 from service.registry import MAX_LABEL_CHARS, MAX_METADATA_BYTES, MAX_METADATA_DEPTH
 from service.store import ARRAYS, MANIFEST, DictionaryRecord, DictionaryStore, content_id
@@ -435,15 +436,32 @@ def blocking(monkeypatch, module, name: str):
     return entered, release, threads
 
 
+def blocking_child_parse(monkeypatch):
+    """Patch `JsonParser.run` to wait, once called, until `release` is set, then parse in the
+    child: (entered, release, names of the functions sent to the child)."""
+    original = parsing.JsonParser.run
+    entered, release, functions = threading.Event(), threading.Event(), []
+
+    async def wrapper(self, function, *args):
+        functions.append(function.__name__)
+        entered.set()
+        assert await asyncio.to_thread(release.wait, 30), "the request was not released"
+        return await original(self, function, *args)
+
+    monkeypatch.setattr(parsing.JsonParser, "run", wrapper)
+    return entered, release, functions
+
+
 @pytest.mark.parametrize("route", ["json", "npy", "oip-gzip"])
 def test_large_bodies_are_parsed_while_the_event_loop_serves_others(client, monkeypatch, route):
-    """A large body is parsed on a worker thread: while its parse is held, /healthz is answered
-    (were the parse on the event loop, /healthz would wait for it, and the parse for /healthz:
-    the release below would never come)."""
-    rows = unfolding.OFFLOAD_BYTES // (16 * 4) + 1  # past the offload size in any format
+    """A large body is parsed off the event loop (JSON in the child process, `.npy` and the
+    expansion of compressed bodies on a worker thread): while its parse is held, /healthz is
+    answered (were the parse on the event loop, /healthz would wait for it, and the parse for
+    /healthz: the release below would never come)."""
+    rows = parsing.OFFLOAD_BYTES // (16 * 4) + 1  # past the offload size in any format
     activations = np.tile(np.array(ROW, np.float32), (rows, 1))
     if route == "json":
-        entered, release, threads = blocking(monkeypatch, unfolding, "activations_array")
+        entered, release, threads = blocking_child_parse(monkeypatch)
         kwargs = {"json": {"activations": activations.tolist(), "k": 2}}
         path = UNFOLD
     elif route == "npy":
@@ -466,7 +484,10 @@ def test_large_bodies_are_parsed_while_the_event_loop_serves_others(client, monk
         response = pending.result(timeout=120)
     assert health.status_code == 200
     assert response.status_code == 200, response.text[:500]
-    assert threads and threads[0] != threading.get_ident()
+    if route == "json":
+        assert threads == ["_json_request"]
+    else:
+        assert threads and threads[0] != threading.get_ident()
     assert_healthy(client)
 
 
