@@ -176,7 +176,7 @@ class Programs:
     def _key(prepared: solvers.Dictionary, settings) -> tuple:
         """What jit's programs depend on besides the rows: the dictionary's structure, shapes
         and dtypes (dictionaries of one shape share programs) and the settings' class and
-        static fields (not `tol` or `alpha`, which are traced)."""
+        static fields (not `tol`, `alpha` or `max_iter`, which are traced)."""
         leaves, structure = jax.tree_util.tree_flatten(prepared)
         shapes = tuple((leaf.shape, leaf.dtype) for leaf in leaves)
         return structure, shapes, jax.tree_util.tree_structure(settings)
@@ -229,7 +229,7 @@ class _Use:
 
 class Usage:
     """The solver settings requests used, per dictionary id and settings structure (settings
-    differing only in `tol` or `alpha` count as one): how often, when last, and the most rows
+    differing only in `tol`, `alpha` or `max_iter` count as one): how often, when last, and the most rows
     one request sent. Kept in memory (bounded: `MAX_USES_PER_DICTIONARY`), and with a `path`,
     merged with the saved record by `load` and written back by `save` (atomically)."""
 

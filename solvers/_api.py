@@ -205,9 +205,9 @@ def solve(settings, dictionary: Dictionary, x: jax.Array, plan: Plan | None = No
     jitted code (``jax.jit(solvers.solve, static_argnames="plan")``).
 
     Args:
-        settings: from `make_settings` (a pytree: its float fields, such as `tol` and
-            `alpha`, are traced, the rest is static, so one program serves every penalty and
-            tolerance).
+        settings: from `make_settings` (a pytree: its numbers, `tol`, `alpha` and
+            `max_iter`, are traced, the rest is static, so one program serves every penalty,
+            tolerance and budget).
         dictionary: from `prepare`.
         x: of shape (batch, d_model), in the dictionary's dtype.
         plan: how to run (static); None: `plan_for` the dictionary's backend. Rows are solved

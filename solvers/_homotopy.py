@@ -80,7 +80,7 @@ def follow_path(
     *,
     positive: bool,
     running: jax.Array,
-    max_steps: int,
+    max_steps,
 ):
     """Follow, per row, the solutions of ``min 0.5 c^T G c - b.c + sum_j lam_j |c_j|``
     (optionally ``c >= 0``) while every penalty moves linearly from ``penalties[j]`` to
@@ -103,7 +103,8 @@ def follow_path(
             block.
         positive: constrain codes to be >= 0.
         running: (batch,) bool: the rows to solve (others come back unchanged, not finished).
-        max_steps: at most this many events (entries or exits) per row.
+        max_steps: at most this many events (entries or exits) per row: an integer, or one
+            per row of shape (batch,).
 
     Returns:
         (end, steps, finished, crowded): the `PathState` where each row stopped; steps (batch,)
@@ -273,7 +274,7 @@ def follow_path(
     def terminate(carry) -> jax.Array:
         return carry[5]
 
-    (end, *_, steps), stop = iterate(step, terminate, carry, stop, max_steps)
+    (end, *_, steps), stop = iterate(step, terminate, carry, stop, jnp.max(max_steps))
     finished = stop == stop_code(Status.CONVERGED)
     crowded = stop == stop_code(Status.TOO_MANY_NONZEROS)
     return end, steps, finished, crowded

@@ -89,8 +89,9 @@ def _check_bool(name: str, value) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _L1Settings:
-    """Settings shared by the LASSO methods: hashable, and a pytree whose floats (`alpha`,
-    `tol`) are traced under jit (a new penalty compiles nothing new) while the rest is static.
+    """Settings shared by the LASSO methods: hashable, and a pytree whose numbers (`alpha`,
+    `tol`, `max_iter`) are traced under jit (a new penalty or budget compiles nothing new)
+    while the rest (`positive`, `max_nonzero`) is static.
 
     Attributes:
         alpha: the l1 penalty (>= 0), in the units of ``0.5 * ||x - codes @ D||^2``.
@@ -106,8 +107,6 @@ class _L1Settings:
             defaults to ``min(n_features, d_model)``, the most a LASSO solution has generically.
             A row with more non-zeros reports Status.TOO_MANY_NONZEROS (nothing is dropped
             silently).
-
-    All settings are static under jit: each distinct value (alpha included) compiles anew.
     """
 
     alpha: float
@@ -204,7 +203,7 @@ class Lasso(_L1Settings):
 
 for _settings in (ISTA, FISTA, Lasso):
     jax.tree_util.register_dataclass(
-        _settings, data_fields=["alpha", "tol"], meta_fields=["max_iter", "positive", "max_nonzero"]
+        _settings, data_fields=["alpha", "tol", "max_iter"], meta_fields=["positive", "max_nonzero"]
     )
 
 
@@ -490,7 +489,7 @@ def solve_lasso(
                     start,
                     positive=positive,
                     running=path,
-                    max_steps=max(2 * width, MIN_PATH_STEPS),
+                    max_steps=jnp.clip(max_iter - s.n_iter, 0, max(2 * width, MIN_PATH_STEPS)),
                 )
                 solved = (
                     jnp.zeros((batch, width), dtype)

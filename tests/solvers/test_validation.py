@@ -188,8 +188,9 @@ def test_bad_execution_settings(activations, dictionary, name):
         omp(activations, dictionary, **{name: 0})
 
 
-def test_new_penalty_or_tolerance_compiles_nothing_new():
-    """Float settings are traced, so a service answering many alphas compiles once."""
+def test_new_penalty_tolerance_or_budget_compiles_nothing_new():
+    """Numeric settings are traced, so a service answering many alphas or budgets compiles
+    once."""
     from solvers import _api
 
     rng = np.random.default_rng(11)
@@ -199,12 +200,16 @@ def test_new_penalty_or_tolerance_compiles_nothing_new():
         ("omp", {"k": 3, "tol": 0.0}, {"k": 3, "tol": 100.0}),
         ("fista", {"alpha": 0.1, "max_iter": 20}, {"alpha": 0.4, "max_iter": 20}),
         ("lasso", {"alpha": 0.1}, {"alpha": 0.25}),
+        ("ista", {"alpha": 0.1, "max_iter": 20}, {"alpha": 0.1, "max_iter": 100}),
+        ("fista", {"alpha": 0.01, "max_iter": 20}, {"alpha": 0.01, "max_iter": 30}),
+        ("lasso", {"alpha": 0.01, "max_iter": 3}, {"alpha": 0.01, "max_iter": 40}),
     ]:
         a = solvers.unfold(x, dictionary, method=method, **first)
         compiled = _api._solve_jit._cache_size()
         b = solvers.unfold(x, dictionary, method=method, **second)
         assert _api._solve_jit._cache_size() == compiled, method
-        assert not np.array_equal(a.to_dense(), b.to_dense()), method  # the new value was used
+        used = not np.array_equal(a.to_dense(), b.to_dense()) or (a.n_iter != b.n_iter).any()
+        assert used, method  # the new value was used
 
 
 def test_a_prepared_dictionary_brings_its_dtype():
@@ -226,3 +231,12 @@ def test_settings_from_make_settings_stand_for_a_method(activations, dictionary)
         solvers.unfold(activations, prepared, method=settings, alpha=0.2)
     with pytest.raises(ValueError, match="make_settings"):
         solvers.unfold(activations, prepared, method=42)
+
+
+def test_lasso_max_iter_bounds_the_homotopy_steps_too():
+    rng = np.random.default_rng(11)
+    dictionary, x = rng.standard_normal((96, 20)), rng.standard_normal((4, 20))
+    for max_iter in (1, 3):
+        result = solvers.unfold(x, dictionary, method="lasso", alpha=0.01, max_iter=max_iter)
+        assert (result.n_iter <= max_iter).all()
+        assert (result.status == solvers.Status.MAX_ITER).all()
