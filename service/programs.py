@@ -229,9 +229,9 @@ class _Use:
 
 class Usage:
     """The solver settings requests used, per dictionary id and settings structure (settings
-    differing only in `tol`, `alpha` or `max_iter` count as one): how often, when last, and the most rows
-    one request sent. Kept in memory (bounded: `MAX_USES_PER_DICTIONARY`), and with a `path`,
-    merged with the saved record by `load` and written back by `save` (atomically)."""
+    differing only in `tol`, `alpha` or `max_iter` count as one): how often, when last, and the
+    most rows one request sent. Kept in memory (bounded: `MAX_USES_PER_DICTIONARY`), and with a
+    `path`, merged with the saved record by `load` and written back by `save` (atomically)."""
 
     def __init__(self, path: Path | None = None):
         self.path = None if path is None else Path(path)
