@@ -20,8 +20,8 @@ Guarantees:
   spent compiling programs meanwhile (`programs.clock`: a request whose batch needs a new
   program waits for it to compile, `Programs.ensure`, then gets its full time to solve). A
   request that times out while still queued is dropped from the queue; a solve already
-  running cannot be interrupted and finishes in its thread (its rows still count towards the
-  queue limit).
+  running is cancelled once every request in it has stopped waiting (`solve`'s cancel event
+  is set: `solvers.unfold` stops within a few iterations), so its thread is free again.
 - With `enabled=False` every request is solved on its own, still on a worker thread, with the
   same limits.
 
@@ -38,13 +38,15 @@ How the unfold route uses it (validate first, then submit; the closure solves an
         result = await batcher.submit(
             (entry.record.id, settings),
             activations,
-            lambda rows: unfolding.run(entry, rows, settings, batcher.programs),
+            lambda rows, cancel: unfolding.run(entry, rows, settings, batcher.programs, cancel),
         )
         # `result` is an UnfoldResult for exactly this request's rows.
 
-`solve` must accept any number of rows of shape (n, d_model) and return a NamedTuple of arrays
-with a leading batch axis (like `solvers.UnfoldResult`); requests merged together must give
-equivalent `solve` functions (same key), and the first one's is used for the batch.
+`solve(rows, cancel)` must accept any number of rows of shape (n, d_model) and a
+`threading.Event` that is set when nobody waits for the answer any more (stopping early is
+then welcome: raise anything), and return a NamedTuple of arrays with a leading batch axis
+(like `solvers.UnfoldResult`); requests merged together must give equivalent `solve` functions
+(same key), and the first one's is used for the batch.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ class _Request:
     arrived: float
     state: str = "waiting"  # "waiting" -> "running" -> "done"; or "dropped" (left the queue)
     abandoned: bool = False  # the caller stopped waiting (timeout or cancellation)
+    batch: list[_Request] = dataclasses.field(default_factory=list)  # solved with, once running
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # the batch's
 
     @property
     def n(self) -> int:
@@ -234,12 +238,14 @@ class Batcher:
         self._admit(queue, n)
         loop = asyncio.get_running_loop()
         if not self.enabled:
-            future = loop.run_in_executor(self._executor, self._call, solve, rows)
+            cancel = threading.Event()
+            future = loop.run_in_executor(self._executor, self._call, solve, rows, cancel)
             future.add_done_callback(lambda _: self._release(key, queue, n))
             request = None
         else:
             future = loop.create_future()
             request = _Request(rows, solve, split, future, arrived=time.monotonic())
+            cancel = request.cancel
             queue.pending.append(request)
             queue.waiting_rows += n
             queue.wakeup.set()
@@ -258,7 +264,7 @@ class Batcher:
         except TimeoutError:
             if not scope.expired():  # the solve's own error
                 raise
-            self._abandon(key, queue, request, future)
+            self._abandon(key, queue, request, future, cancel)
             spent = deadline.compiling()
             raise Timeout(
                 f"the solve did not finish within {self.timeout_s:g} s"
@@ -266,7 +272,7 @@ class Batcher:
                 + "; send fewer rows per request, or retry later"
             ) from None
         except asyncio.CancelledError:
-            self._abandon(key, queue, request, future)
+            self._abandon(key, queue, request, future, cancel)
             raise
 
     async def close(self) -> None:
@@ -301,8 +307,11 @@ class Batcher:
         if queue.outstanding_rows == 0 and queue.worker is None and self._queues.get(key) is queue:
             del self._queues[key]
 
-    def _abandon(self, key, queue: _Queue, request: _Request | None, future) -> None:
-        if request is None:  # unbatched: the thread finishes on its own; rows released then
+    def _abandon(
+        self, key, queue: _Queue, request: _Request | None, future, cancel: threading.Event
+    ) -> None:
+        if request is None:  # unbatched: the thread stops soon; rows released then
+            cancel.set()
             future.add_done_callback(_retrieve)
             return
         request.abandoned = True
@@ -311,6 +320,8 @@ class Batcher:
             queue.waiting_rows -= request.n
             request.state = "dropped"
             self._release(key, queue, request.n)
+        elif request.state == "running" and all(other.abandoned for other in request.batch):
+            request.cancel.set()  # nobody waits for this solve any more
 
     # The worker of one key.
 
@@ -360,9 +371,11 @@ class Batcher:
         if limit < self.max_batch_size and 2 * rows <= limit:
             count, _ = _leading(queue.pending, self.max_batch_size)
         batch = [queue.pending.popleft() for _ in range(count)]
+        cancel = threading.Event()
         for request in batch:
             queue.waiting_rows -= request.n
             request.state = "running"
+            request.batch, request.cancel = batch, cancel
         return batch
 
     async def _solve_batch(self, key: Hashable, queue: _Queue, batch: list[_Request]) -> None:
@@ -371,9 +384,11 @@ class Batcher:
             rows = batch[0].rows if len(batch) == 1 else np.concatenate([r.rows for r in batch])
             try:
                 result = await loop.run_in_executor(
-                    self._executor, self._call, batch[0].solve, rows
+                    self._executor, self._call, batch[0].solve, rows, batch[0].cancel
                 )
             except Exception as error:
+                if batch[0].cancel.is_set():  # cancelled: nobody waits (`finally` ends them)
+                    return
                 if len(batch) == 1:
                     self._finish(batch[0], error=error)
                     return
@@ -388,7 +403,7 @@ class Batcher:
                         continue
                     try:
                         alone = await loop.run_in_executor(
-                            self._executor, self._call, request.solve, request.rows
+                            self._executor, self._call, request.solve, request.rows, request.cancel
                         )
                     except Exception as single_error:
                         self._finish(request, error=single_error)
@@ -419,11 +434,15 @@ class Batcher:
         else:
             request.future.set_result(result)
 
-    def _call(self, solve: Callable[[np.ndarray], R], rows: np.ndarray) -> R:
+    def _call(self, solve: Callable, rows: np.ndarray, cancel: threading.Event) -> R:
         """One solver call, on a worker thread, recorded in the metrics."""
         started = time.perf_counter()
         try:
-            return solve(rows)
+            return solve(rows, cancel)
+        except Exception:
+            if cancel.is_set() and self.metrics is not None:
+                self.metrics.cancelled_solves.inc()
+            raise
         finally:
             if self.metrics is not None:
                 self.metrics.batch_size.observe(rows.shape[0])

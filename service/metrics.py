@@ -58,6 +58,11 @@ class Metrics:
         self.solver_seconds = Histogram(
             "unfold_solver_seconds", "Time per solver call.", buckets=LATENCY_BUCKETS, **kw
         )
+        self.cancelled_solves = Counter(
+            "unfold_cancelled_solves",
+            "Solver calls stopped because every request in them had stopped waiting.",
+            **kw,
+        )
         self.compile_seconds = Histogram(
             "unfold_compile_seconds",
             "Time to compile a solver program (its first run), by method and cause.",

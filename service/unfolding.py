@@ -5,6 +5,7 @@ Routes stay thin: they call `parse_request`, `solve` and `render` from here.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -194,12 +195,17 @@ def solver_params(params) -> tuple[str, dict]:
 
 
 def run(
-    entry: Entry, activations: np.ndarray, settings, programs: Programs
+    entry: Entry,
+    activations: np.ndarray,
+    settings,
+    programs: Programs,
+    cancel: threading.Event | None = None,
 ) -> solvers.UnfoldResult:
     """Solve with `settings` from `solver_settings`, once `programs` has compiled what these
-    rows need (`Programs.ensure`: compiling is timed apart and leaves deadlines alone)."""
+    rows need (`Programs.ensure`: compiling is timed apart and leaves deadlines alone); setting
+    `cancel` stops the solve (`solvers.Cancelled`)."""
     plan = programs.ensure(entry, settings, activations.shape[0])
-    return solvers.unfold(activations, entry.prepared, method=settings, plan=plan)
+    return solvers.unfold(activations, entry.prepared, method=settings, plan=plan, cancel=cancel)
 
 
 SETTINGS_CACHE_SIZE = 256
@@ -266,7 +272,7 @@ async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher)
     result = await batcher.submit(
         (entry.record.id, settings),
         activations,
-        lambda rows: run(entry, rows, settings, programs),
+        lambda rows, cancel: run(entry, rows, settings, programs, cancel),
     )
     certificate = comparison = None
     if params.certify:

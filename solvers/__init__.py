@@ -33,6 +33,7 @@ from ._dictionary import (
     gram_bytes,
     prepare,
 )
+from ._driver import Cancelled
 from ._lasso import FISTA, ISTA, Lasso
 from ._omp import OMP
 from ._plan import DEFAULT_BLOCK_ROWS, Plan, plan_for
@@ -53,6 +54,7 @@ __all__ = [
     "OMP",
     "SHARDS",
     "STATUS_MESSAGES",
+    "Cancelled",
     "Certificate",
     "Coherence",
     "RecoveryCurve",

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._dictionary import Dictionary, precision, prepare
+from ._driver import Cancelled, cancellation, registered
 from ._lasso import FISTA, ISTA, Lasso
 from ._omp import OMP
 from ._plan import Plan, plan_for
@@ -51,6 +52,7 @@ def unfold(
     block_rows: int | None = None,
     streams: int | None = None,
     scan: str | None = None,
+    cancel: threading.Event | None = None,
     **params,
 ) -> UnfoldResult:
     """Sparse codes of `activations` over the feature directions of `dictionary`.
@@ -67,6 +69,9 @@ def unfold(
         plan: how to run (`Plan`); None: `plan_for` the backend, with `chunk_rows` (rows
             solved together), `block_rows` (rows per compiled call), `streams` (calls at
             once, each from its own thread) and `scan` (OMP's scan precision) overriding it.
+        cancel: an event another thread may set to stop the solve: no new call starts, and
+            the running ones end within a few iterations (the LASSO methods' rounds, OMP's
+            steps past k = 64; OMP with k <= 64 finishes its call); `Cancelled` is raised.
         **params: the method's settings, e.g. ``k`` and ``tol`` for "omp".
 
     Returns:
@@ -74,6 +79,7 @@ def unfold(
 
     Raises:
         ValueError: naming the bad shape, value or parameter.
+        Cancelled: `cancel` was set before the solve finished.
     """
     dictionary = prepare(dictionary, bias, dtype=dtype)
     if isinstance(method, str):
@@ -95,7 +101,7 @@ def unfold(
     elif not isinstance(plan, Plan) or any(v is not None for v in (*overrides.values(), scan)):
         raise ValueError("pass either a Plan or its overrides (chunk_rows, ...), not both")
     with precision(dictionary.dtype):  # float64: JAX's 64-bit mode for this call only
-        result = run(settings, dictionary, x, plan)
+        result = run(settings, dictionary, x, plan, cancel)
     if single:
         fields = result._asdict().items()
         return result._replace(**{f: v[0] for f, v in fields if f != "n_features"})
@@ -129,30 +135,45 @@ MAX_PLANS = 1024
 """Plans remembered by `_plan_of` (all forgotten when full)."""
 
 
-def run(settings, dictionary: Dictionary, x: np.ndarray, plan: Plan) -> UnfoldResult:
+def run(
+    settings,
+    dictionary: Dictionary,
+    x: np.ndarray,
+    plan: Plan,
+    cancel: threading.Event | None = None,
+) -> UnfoldResult:
     """Run validated `settings` on validated activations `x` of shape (batch, d_model).
 
     The batch is cut into calls, each padded so that any batch size reuses a handful of
     compiled programs (`Plan.calls`); ``plan.streams`` calls run at once, each from its own
     thread (`run_in_lanes`; JAX releases the GIL while a call runs). On several devices a
     call's rows are split between them (``shard="rows"``) or given to each
-    (``shard="features"``).
+    (``shard="features"``). Setting `cancel` stops the solve (`Cancelled`): no call starts
+    after it, and the running ones stop at their loops' next question (`cancellation`).
     """
     program, place = _solve_jit, jnp.asarray
     if dictionary.shard is not None:
         program, place = _program_on(dictionary, plan)
 
     def call(piece: tuple[range, int]) -> list[np.ndarray]:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the solve was cancelled")
         rows, n_padded = piece
         padded = np.zeros((n_padded, x.shape[1]), x.dtype)
         padded[: len(rows)] = x[rows.start : rows.stop]
         with precision(dictionary.dtype):  # thread-local: entered by each thread
-            out = program(settings, dictionary, place(padded), plan)
-            return [np.asarray(field)[: len(rows)] for field in out]
+            out = program(settings, dictionary, place(padded), plan, jnp.int32(token))
+            out = [np.asarray(field)[: len(rows)] for field in out]
+        if cancel is not None and cancel.is_set():  # maybe stopped midway
+            raise Cancelled("the solve was cancelled")
+        return out
 
     calls = plan.calls(x.shape[0])
     # One call at a time, and none of another such program alongside, for plans that run alone.
-    with RUN_ALONE if plan.run_alone else contextlib.nullcontext():
+    with (
+        registered(cancel) as token,
+        RUN_ALONE if plan.run_alone else contextlib.nullcontext(),
+    ):
         parts = run_in_lanes(call, calls, min(plan.streams, len(calls)))
     fields = [np.concatenate([part[i] for part in parts]) for i in range(len(parts[0]))]
     return UnfoldResult(*fields, n_features=dictionary.n_features)
@@ -200,7 +221,13 @@ _LANE_POOL = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="unfold-st
 """The process's helper threads for `run_in_lanes` (a pool starts its threads on first use)."""
 
 
-def solve(settings, dictionary: Dictionary, x: jax.Array, plan: Plan | None = None) -> Solution:
+def solve(
+    settings,
+    dictionary: Dictionary,
+    x: jax.Array,
+    plan: Plan | None = None,
+    cancel: jax.Array | None = None,
+) -> Solution:
     """Sparse codes of activations `x` of shape (batch, d_model): pure JAX, usable inside
     jitted code (``jax.jit(solvers.solve, static_argnames="plan")``).
 
@@ -212,6 +239,9 @@ def solve(settings, dictionary: Dictionary, x: jax.Array, plan: Plan | None = No
         x: of shape (batch, d_model), in the dictionary's dtype.
         plan: how to run (static); None: `plan_for` the dictionary's backend. Rows are solved
             ``plan.chunk_rows`` at a time (`lax.map` over chunks; a partial chunk is padded).
+        cancel: None, or an int32 scalar: the token of an event (`unfold` passes its own)
+            that the loops ask about now and then, ending early once it is set. Programs
+            that ask are not kept in JAX's persistent compilation cache.
 
     Returns:
         A `Solution` of device arrays, each of shape (batch, ...).
@@ -233,10 +263,11 @@ def solve(settings, dictionary: Dictionary, x: jax.Array, plan: Plan | None = No
 
     def solve_chunk(args):
         chunk, correlations = args
-        if with_correlations:
-            sol = settings.solve(dictionary, chunk, correlations=correlations, plan=plan)
-        else:
-            sol = settings.solve(dictionary, chunk, plan=plan)
+        with cancellation(cancel):
+            if with_correlations:
+                sol = settings.solve(dictionary, chunk, correlations=correlations, plan=plan)
+            else:
+                sol = settings.solve(dictionary, chunk, plan=plan)
         checks = diagnostics(dictionary, chunk, sol)
         return (*sol[:2], *checks, sol.n_iter, sol.status, sol.duality_gap)
 

@@ -112,4 +112,4 @@ def proximal_gradient(
     )
     stop = jnp.where(stop == RUNNING, terminate(start), stop)
     rounds = jnp.max(budget) // CHECK_EVERY + 1
-    return iterate(driver_step, terminate, start, stop, rounds)
+    return iterate(driver_step, terminate, start, stop, rounds, cancel_every=1)

@@ -35,6 +35,8 @@ from ._driver import RUNNING, iterate, stop_code
 from ._products import einsum
 from ._result import Status
 
+PATH_CANCEL_EVERY = 16
+"""Events between the questions whether the solve is cancelled (`iterate`)."""
 DEPENDENT_SCHUR = 1e3
 """A feature whose Schur complement is under this many epsilons of its squared norm is
 (numerically) dependent on the active set: the path stops there."""
@@ -274,7 +276,9 @@ def follow_path(
     def terminate(carry) -> jax.Array:
         return carry[5]
 
-    (end, *_, steps), stop = iterate(step, terminate, carry, stop, jnp.max(max_steps))
+    (end, *_, steps), stop = iterate(
+        step, terminate, carry, stop, jnp.max(max_steps), cancel_every=PATH_CANCEL_EVERY
+    )
     finished = stop == stop_code(Status.CONVERGED)
     crowded = stop == stop_code(Status.TOO_MANY_NONZEROS)
     return end, steps, finished, crowded

@@ -605,7 +605,7 @@ def solve_lasso(
         def terminate(carry) -> jax.Array:
             return jnp.where(carry[0].done, stop_code(Status.CONVERGED), RUNNING)
 
-        carry, _ = iterate(refresh, terminate, carry, terminate(carry), MAX_OUTER)
+        carry, _ = iterate(refresh, terminate, carry, terminate(carry), MAX_OUTER, cancel_every=1)
         return carry[0]
 
     zeros = jnp.zeros((batch, n_features), dtype)

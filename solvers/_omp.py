@@ -49,6 +49,16 @@ MAX_SEGMENTS = 8
 """... or more steps per segment when k is large, to bound compilation time."""
 
 
+CANCEL_EVERY = 16
+"""Steps between the questions whether the solve is cancelled (`iterate`), when k is larger
+than `UNCANCELLED_K`: up to that, a call's work is small and its program asks nothing."""
+UNCANCELLED_K = 64
+
+
+def cancel_every(k: int) -> int:
+    return CANCEL_EVERY if k > UNCANCELLED_K else 0
+
+
 def segments(k: int) -> list[tuple[int, int]]:
     """(first step, steps) of each segment of the Gram path's `k` steps (`SEGMENT`)."""
     segment = max(SEGMENT, -(-k // MAX_SEGMENTS))
@@ -342,10 +352,17 @@ def solve_omp(
         stored = alpha0[:, None, :]
         for _, width in segments(k):
             stored = jnp.concatenate([stored, jnp.zeros((batch, width, n_features), dtype)], 1)
-            state, stop = iterate(step, terminate, state._replace(stored=stored), stop, width)
+            state, stop = iterate(
+                step,
+                terminate,
+                state._replace(stored=stored),
+                stop,
+                width,
+                cancel_every=min(cancel_every(k), width),
+            )
             stored = state.stored
     else:
-        state, stop = iterate(step, terminate, state, stop, k)
+        state, stop = iterate(step, terminate, state, stop, k, cancel_every=cancel_every(k))
 
     values = einsum("bij,bi->bj", state.inv_chol, state.projections)
     values = values * inv_norms[jnp.maximum(state.indices, 0)]  # in the dictionary's units
@@ -540,7 +557,9 @@ def solve_nnomp(
         residual_sq=x_sq,
         failure=jnp.zeros((batch,), jnp.int32),
     )
-    state, stop = iterate(step, terminate, state, initial_stop(x_sq), 2 * k)
+    state, stop = iterate(
+        step, terminate, state, initial_stop(x_sq), 2 * k, cancel_every=cancel_every(k)
+    )
     # The support first, in slot order.
     order = jnp.argsort(~state.active, axis=1, stable=True)
     active = jnp.take_along_axis(state.active, order, axis=1)

@@ -125,18 +125,18 @@ def device_bytes(arrays) -> int:
 
 @functools.cache
 def over_rows(function: Callable, mesh: Mesh) -> Callable:
-    """``function(settings, dictionary, x, plan)`` jitted (`plan` static) with the rows of `x`
-    split across the mesh's devices: each runs `function` on its share against its replica of
-    `settings` and `dictionary`; every output is split by rows likewise."""
+    """``function(settings, dictionary, x, plan, cancel)`` jitted (`plan` static) with the
+    rows of `x` split across the mesh's devices: each runs `function` on its share against its
+    replica of `settings`, `dictionary` and `cancel`; every output is split by rows likewise."""
 
-    def program(settings, dictionary, x, plan):
+    def program(settings, dictionary, x, plan, cancel=None):
         local = jax.shard_map(
-            functools.partial(function, plan=plan),
+            lambda settings, dictionary, x, cancel: function(settings, dictionary, x, plan, cancel),
             mesh=mesh,
-            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(AXIS)),
+            in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(AXIS), PartitionSpec()),
             out_specs=PartitionSpec(AXIS),
             check_vma=False,
         )
-        return local(settings, dictionary, x)
+        return local(settings, dictionary, x, cancel)
 
     return jax.jit(program, static_argnames="plan")

@@ -40,7 +40,7 @@ class Recorder:
         self.started = threading.Event()
         self.release = release
 
-    def __call__(self, rows: np.ndarray) -> Result:
+    def __call__(self, rows: np.ndarray, cancel: threading.Event) -> Result:
         self.calls.append(rows.copy())
         self.started.set()
         if self.release is not None and not self.release.wait(timeout=30):
@@ -390,8 +390,8 @@ def test_merged_unfold_results_equal_solving_each_request_alone():
     requests = [rng.standard_normal((n, 16)).astype(np.float32) for n in (1, 3, 2)]
     metrics = Metrics()
 
-    def solve(rows):
-        return solvers.unfold(rows, prepared, method="omp", k=4)
+    def solve(rows, cancel):
+        return solvers.unfold(rows, prepared, method="omp", k=4, cancel=cancel)
 
     async def main():
         batcher = Batcher(max_batch_size=6, max_wait_ms=10_000, metrics=metrics)
@@ -402,7 +402,7 @@ def test_merged_unfold_results_equal_solving_each_request_alone():
 
     results = run(main())
     for rows, result in zip(requests, results, strict=True):
-        alone = solve(rows)
+        alone = solve(rows, None)
         assert isinstance(result, solvers.UnfoldResult) and result.n_features == 32
         for name, value in alone._asdict().items():
             np.testing.assert_allclose(getattr(result, name), value, rtol=1e-5, atol=1e-6)

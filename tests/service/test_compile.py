@@ -101,16 +101,16 @@ def test_a_request_waiting_for_a_compilation_is_answered_but_a_slow_solve_times_
         batcher = Batcher(enabled=batching, timeout_s=0.2, threads=1)
         clock = batcher.programs.clock
 
-        def compiling(rows):
+        def compiling(rows, cancel):
             with clock.running():
                 time.sleep(0.6)
             return Result(rows)
 
-        def solving(rows):
+        def solving(rows, cancel):
             time.sleep(0.6)
             return Result(rows)
 
-        def compiling_then_solving(rows):
+        def compiling_then_solving(rows, cancel):
             with clock.running():
                 time.sleep(0.3)
             time.sleep(0.3)
@@ -120,7 +120,7 @@ def test_a_request_waiting_for_a_compilation_is_answered_but_a_slow_solve_times_
             # Another key's compilation holds the only thread while this one waits.
             compiled, queued = await asyncio.gather(
                 batcher.submit("new", rows_of(1), compiling),
-                batcher.submit("other", rows_of(2), lambda rows: Result(rows)),
+                batcher.submit("other", rows_of(2), lambda rows, cancel: Result(rows)),
             )
             assert compiled.rows.shape == (1, 3) and queued.rows.shape == (2, 3)
             with pytest.raises(Timeout) as slow:

@@ -47,8 +47,9 @@ def test_usage_ranks_by_use_then_recency_within_an_age_and_keeps_a_bound():
     assert len(usage.top("a", limit=2, max_age_s=60)) == 2
     assert usage.top("a", limit=5, max_age_s=60, now=10**12) == []  # too old
     assert usage.top("b", limit=5, max_age_s=60) == []
-    for max_iter in range(1, MAX_USES_PER_DICTIONARY + 2):
-        usage.record("a", solvers.make_settings("ista", prepared, alpha=1, max_iter=max_iter), 1)
+    wide = solvers.prepare(np.eye(MAX_USES_PER_DICTIONARY + 2, dtype=np.float32))
+    for k in range(1, MAX_USES_PER_DICTIONARY + 2):  # k is static: a structure each
+        usage.record("a", omp(wide, k=k), 1)
     assert len(usage.top("a", limit=100, max_age_s=60)) == MAX_USES_PER_DICTIONARY
 
 
