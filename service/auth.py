@@ -13,12 +13,24 @@ Keys are compared in constant time (`hmac.compare_digest` over each configured k
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+
+from starlette.requests import Request
 
 from .errors import error_response
 from .responses import JSONResponse
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+
+
+def client_of(request: Request) -> str:
+    """Who sent `request`, for fair shares: its API key (a digest) when keys are on, else its
+    address."""
+    if request.app.state.settings.api_keys:
+        key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "address:" + (request.client.host if request.client else "unknown")
 
 
 def unauthorized(path: str, message: str) -> JSONResponse:

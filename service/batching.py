@@ -13,15 +13,24 @@ Guarantees:
 - A request never fails because of another one: validate before `submit`; if a merged solve
   raises anyway, each of its requests is solved alone, so only the culprit gets the error.
 - Overload is refused early: when the rows waiting or being solved for a key would exceed
-  `max_queue_rows`, `submit` raises `Overloaded` (429 with Retry-After) at once. A request is
-  always admitted when nothing is outstanding for its key, so every request within the row
-  limit can run.
+  `max_queue_rows`, `submit` raises `Overloaded` (429 with Retry-After) at once, unless the
+  client has nothing outstanding for the key (so every request within the row limit can run,
+  and no client locks out the others).
 - A request waits at most `timeout_s` for its answer (`Timeout`, 504), not counting the time
   spent compiling programs meanwhile (`programs.clock`: a request whose batch needs a new
   program waits for it to compile, `Programs.ensure`, then gets its full time to solve). A
   request that times out while still queued is dropped from the queue; a solve already
   running is cancelled once every request in it has stopped waiting (`solve`'s cancel event
   is set: `solvers.unfold` stops within a few iterations), so its thread is free again.
+- Fair shares: one client (`client` of `submit`: its API key, else its address) cannot lock
+  the others out. A full queue refuses only clients that already have rows in it: a client
+  with none is admitted (its request may pass `max_queue_rows`), and a batch takes the
+  waiting clients' requests in turns (each one's oldest, then each one's next), not first
+  come first served. The solver threads are handed out fairly too (`_Slots`): a dictionary,
+  or a client alone in its batches, holding `solver_share` of them already gets another only
+  while nobody under their share waits for it; a freed thread goes first to those under
+  their share. With running solves cancelled at their deadline, the others wait at most one
+  solve for a thread, however much one dictionary or client sends.
 - With `enabled=False` every request is solved on its own, still on a worker thread, with the
   same limits.
 
@@ -57,6 +66,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -109,6 +119,7 @@ class _Request:
     arrived: float
     state: str = "waiting"  # "waiting" -> "running" -> "done"; or "dropped" (left the queue)
     abandoned: bool = False  # the caller stopped waiting (timeout or cancellation)
+    client: Hashable = None  # who sent it (fair shares)
     batch: list[_Request] = dataclasses.field(default_factory=list)  # solved with, once running
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # the batch's
 
@@ -123,6 +134,7 @@ class _Queue:
     pending: collections.deque = dataclasses.field(default_factory=collections.deque)
     waiting_rows: int = 0  # rows in `pending`
     outstanding_rows: int = 0  # rows admitted and not yet answered (waiting or being solved)
+    client_rows: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     wakeup: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     worker: asyncio.Task | None = None
 
@@ -138,6 +150,8 @@ class Batcher:
         timeout_s: longest a caller waits for its result before a 504.
         retry_after_s: the Retry-After of 429 answers.
         threads: worker threads for solver calls (shared by all keys).
+        solver_share: most of them one dictionary (``key[0]``), or one client alone in its
+            batches, holds at once (default: all but one, at least one).
         metrics: a `service.metrics.Metrics` to record batch sizes, solver time and queue depth.
         settle_limit_s: longest a batch waits, after `max_wait_ms`, for requests that keep
             arriving (see `_fill`).
@@ -155,6 +169,7 @@ class Batcher:
         timeout_s: float = 60.0,
         retry_after_s: int = 1,
         threads: int = 2,
+        solver_share: int | None = None,
         metrics=None,
         settle_limit_s: float = SETTLE_LIMIT_S,
         programs: Programs | None = None,
@@ -171,6 +186,8 @@ class Batcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="unfold-solver"
         )
+        share = max(1, threads - 1) if solver_share is None else min(solver_share, threads)
+        self._slots = _Slots(threads, share)
         self._queues: dict[Hashable, _Queue] = {}
         self._label_rows: dict[str, int] = {}  # outstanding rows per label (queue-depth metric)
         self._closed = False
@@ -185,6 +202,7 @@ class Batcher:
             timeout_s=settings.request_timeout_s,
             retry_after_s=settings.retry_after_s,
             threads=settings.solver_threads,
+            solver_share=settings.solver_share,
             metrics=metrics,
             programs=Programs(metrics, Usage(settings.data_dir / USAGE_FILE)),
         )
@@ -206,6 +224,7 @@ class Batcher:
         *,
         split: Callable[[R, slice], R] = slice_result,
         label: str | None = None,
+        client: Hashable = None,
     ) -> R:
         """The result of `solve` for `rows` (of shape (n, d_model)), possibly solved in a batch.
 
@@ -214,10 +233,13 @@ class Batcher:
             rows: validated activations of shape (n, d_model), n >= 1.
             solve: solves any rows of shape (m, d_model); runs on a worker thread.
             split: `split(result, slice)` is the part of a batch result for those rows.
-            label: the `dictionary` label of the queue-depth metric (default: ``key[0]``).
+            label: the `dictionary` label of the queue-depth metric and of the solver share
+                (default: ``key[0]``).
+            client: who asks (fair shares); None: one anonymous client.
 
         Raises:
-            Overloaded: too many rows are outstanding for `key` (429, Retry-After).
+            Overloaded: too many rows are outstanding for `key`, or for this client and `key`
+                (429, Retry-After).
             Timeout: no result within `timeout_s`, besides time spent compiling (504).
             Whatever `solve` raises for these rows alone.
         """
@@ -229,22 +251,25 @@ class Batcher:
         if queue is None:
             queue = self._queues[key] = _Queue(label)
         n = rows.shape[0]
-        if queue.outstanding_rows and queue.outstanding_rows + n > self.max_queue_rows:
+        mine = queue.client_rows[client]
+        if mine and queue.outstanding_rows + n > self.max_queue_rows:
             raise Overloaded(
                 f"{queue.outstanding_rows} rows are already queued for this dictionary and these "
-                f"settings (limit {self.max_queue_rows}); retry after {self.retry_after_s} s",
+                f"settings, {mine} of them yours (limit {self.max_queue_rows}); retry after "
+                f"{self.retry_after_s} s",
                 retry_after=self.retry_after_s,
             )
-        self._admit(queue, n)
+        self._admit(queue, n, client)
         loop = asyncio.get_running_loop()
         if not self.enabled:
             cancel = threading.Event()
-            future = loop.run_in_executor(self._executor, self._call, solve, rows, cancel)
-            future.add_done_callback(lambda _: self._release(key, queue, n))
+            owners = _owners(label, {client})
+            future = asyncio.ensure_future(self._run_alone(owners, solve, rows, cancel))
+            future.add_done_callback(lambda _: self._release(key, queue, n, client))
             request = None
         else:
             future = loop.create_future()
-            request = _Request(rows, solve, split, future, arrived=time.monotonic())
+            request = _Request(rows, solve, split, future, time.monotonic(), client=client)
             cancel = request.cancel
             queue.pending.append(request)
             queue.waiting_rows += n
@@ -291,8 +316,9 @@ class Batcher:
 
     # Accounting.
 
-    def _admit(self, queue: _Queue, n: int) -> None:
+    def _admit(self, queue: _Queue, n: int, client: Hashable) -> None:
         queue.outstanding_rows += n
+        queue.client_rows[client] += n
         label = queue.label
         if label not in self._label_rows:
             self._label_rows[label] = 0
@@ -301,8 +327,11 @@ class Batcher:
                 gauge.set_function(lambda: self._label_rows[label])
         self._label_rows[label] += n
 
-    def _release(self, key: Hashable, queue: _Queue, n: int) -> None:
+    def _release(self, key: Hashable, queue: _Queue, n: int, client: Hashable) -> None:
         queue.outstanding_rows -= n
+        queue.client_rows[client] -= n
+        if not queue.client_rows[client]:
+            del queue.client_rows[client]
         self._label_rows[queue.label] -= n
         if queue.outstanding_rows == 0 and queue.worker is None and self._queues.get(key) is queue:
             del self._queues[key]
@@ -319,7 +348,7 @@ class Batcher:
             queue.pending.remove(request)
             queue.waiting_rows -= request.n
             request.state = "dropped"
-            self._release(key, queue, request.n)
+            self._release(key, queue, request.n, request.client)
         elif request.state == "running" and all(other.abandoned for other in request.batch):
             request.cancel.set()  # nobody waits for this solve any more
 
@@ -362,15 +391,20 @@ class Batcher:
             quiet_turns = 0 if queue.waiting_rows > before else quiet_turns + 1
 
     def _take(self, queue: _Queue) -> list[_Request]:
-        """The oldest requests totalling at most `batch_rows` rows; but if whole requests fill
-        no more than half of that (a large request next in line), that call would be mostly
-        padding and fixed cost: then at most `max_batch_size` rows. Always at least one
-        request."""
+        """The first requests, clients taking turns (`_in_turns`), totalling at most
+        `batch_rows` rows; but if whole requests fill no more than half of that (a large
+        request next in line), that call would be mostly padding and fixed cost: then at most
+        `max_batch_size` rows. Always at least one request."""
         limit = batch_rows(queue.waiting_rows, self.max_batch_size)
-        count, rows = _leading(queue.pending, limit)
+        order = _in_turns(queue.pending)
+        count, rows = _leading(order, limit)
         if limit < self.max_batch_size and 2 * rows <= limit:
-            count, _ = _leading(queue.pending, self.max_batch_size)
-        batch = [queue.pending.popleft() for _ in range(count)]
+            count, _ = _leading(order, self.max_batch_size)
+        if order is queue.pending:
+            batch = [queue.pending.popleft() for _ in range(count)]
+        else:
+            batch = order[:count]
+            queue.pending = collections.deque(order[count:])
         cancel = threading.Event()
         for request in batch:
             queue.waiting_rows -= request.n
@@ -380,12 +414,14 @@ class Batcher:
 
     async def _solve_batch(self, key: Hashable, queue: _Queue, batch: list[_Request]) -> None:
         loop = asyncio.get_running_loop()
+        owners = _owners(queue.label, {request.client for request in batch})
         try:
             rows = batch[0].rows if len(batch) == 1 else np.concatenate([r.rows for r in batch])
             try:
-                result = await loop.run_in_executor(
-                    self._executor, self._call, batch[0].solve, rows, batch[0].cancel
-                )
+                async with self._slots.held(owners):
+                    result = await loop.run_in_executor(
+                        self._executor, self._call, batch[0].solve, rows, batch[0].cancel
+                    )
             except Exception as error:
                 if batch[0].cancel.is_set():  # cancelled: nobody waits (`finally` ends them)
                     return
@@ -402,9 +438,14 @@ class Batcher:
                         self._finish(request)
                         continue
                     try:
-                        alone = await loop.run_in_executor(
-                            self._executor, self._call, request.solve, request.rows, request.cancel
-                        )
+                        async with self._slots.held(owners):
+                            alone = await loop.run_in_executor(
+                                self._executor,
+                                self._call,
+                                request.solve,
+                                request.rows,
+                                request.cancel,
+                            )
                     except Exception as single_error:
                         self._finish(request, error=single_error)
                     else:
@@ -423,7 +464,8 @@ class Batcher:
             for request in batch:
                 if request.state != "done":
                     self._finish(request, error=RuntimeError("the batch was interrupted"))
-            self._release(key, queue, sum(request.n for request in batch))
+            for request in batch:
+                self._release(key, queue, request.n, request.client)
 
     def _finish(self, request: _Request, *, result=None, error: BaseException | None = None):
         request.state = "done"
@@ -433,6 +475,15 @@ class Batcher:
             request.future.set_exception(error)
         else:
             request.future.set_result(result)
+
+    async def _run_alone(self, owners: tuple, solve: Callable, rows: np.ndarray, cancel) -> R:
+        """An unbatched request's solve, on a solver thread when its owners' share allows."""
+        async with self._slots.held(owners):
+            if cancel.is_set():  # its caller stopped waiting before a thread was free
+                raise solvers.Cancelled("the solve was cancelled")
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._call, solve, rows, cancel
+            )
 
     def _call(self, solve: Callable, rows: np.ndarray, cancel: threading.Event) -> R:
         """One solver call, on a worker thread, recorded in the metrics."""
@@ -479,7 +530,81 @@ class _Deadline:
             self._handle = self._loop.call_at(due, self._check)
 
 
-def _leading(pending: collections.deque, limit: int) -> tuple[int, int]:
+def _in_turns(pending: collections.deque) -> collections.deque | list:
+    """`pending` in the order clients take turns: each client's oldest request (clients in the
+    order of their oldest), then each one's next, and so on. `pending` itself when it holds a
+    single client's requests."""
+    first = pending[0].client
+    if all(request.client == first for request in pending):
+        return pending
+    by_client: dict[Hashable, list[_Request]] = {}
+    for request in pending:
+        by_client.setdefault(request.client, []).append(request)
+    turns = itertools.zip_longest(*by_client.values())
+    return [request for turn in turns for request in turn if request is not None]
+
+
+def _owners(label: str, clients: set) -> tuple:
+    """What a solve counts against in the solver share: its dictionary, and its client when
+    it serves only one (and that one is known)."""
+    if len(clients) == 1 and None not in clients:
+        return (("dictionary", label), ("client", next(iter(clients))))
+    return (("dictionary", label),)
+
+
+class _Slots:
+    """The solver threads, handed out fairly. A solve takes a free thread at once (no one
+    waits while a thread is free). A freed thread goes to the longest-waiting solve whose
+    owners (`_owners`) each hold fewer than `share` threads, else to the longest-waiting."""
+
+    def __init__(self, threads: int, share: int):
+        self.free = threads
+        self.share = share
+        self.held_by: collections.Counter = collections.Counter()
+        self.waiting: list[tuple[tuple, asyncio.Future]] = []
+
+    def _under_share(self, owners: tuple) -> bool:
+        return all(self.held_by[owner] < self.share for owner in owners)
+
+    def _take(self, owners: tuple) -> None:
+        self.free -= 1
+        self.held_by.update(owners)
+
+    @contextlib.asynccontextmanager
+    async def held(self, owners: tuple):
+        if self.free:
+            self._take(owners)
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            self.waiting.append((owners, granted))
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._give_back(owners)  # granted as this waiter was cancelled
+                elif (owners, granted) in self.waiting:
+                    self.waiting.remove((owners, granted))
+                raise
+        try:
+            yield
+        finally:
+            self._give_back(owners)
+
+    def _give_back(self, owners: tuple) -> None:
+        self.free += 1
+        self.held_by.subtract(owners)
+        for owner in owners:
+            if not self.held_by[owner]:
+                del self.held_by[owner]
+        self.waiting = [(o, granted) for o, granted in self.waiting if not granted.done()]
+        while self.free and self.waiting:
+            index = next((i for i, (o, _) in enumerate(self.waiting) if self._under_share(o)), 0)
+            waiter, granted = self.waiting.pop(index)
+            self._take(waiter)
+            granted.set_result(None)
+
+
+def _leading(pending, limit: int) -> tuple[int, int]:
     """(count, rows) of the first requests of `pending` totalling at most `limit` rows (at
     least one request)."""
     count = rows = 0

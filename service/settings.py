@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     solver_threads: int = Field(
         2, ge=1, description="Worker threads running solver calls (one at a time per batch key)."
     )
+    solver_share: int | None = Field(
+        None,
+        ge=1,
+        description="Most solver threads one dictionary, or one client alone in its batches, "
+        "holds at once (default: all but one, at least one), so that others still find one.",
+    )
     warmup: bool = Field(
         True, description="Compile the common batch sizes for loaded dictionaries at start-up."
     )

@@ -251,12 +251,15 @@ class Answer(NamedTuple):
     encoder: dict[str, Any] | None = None
 
 
-async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher) -> Answer:
+async def solve(
+    entry: Entry, activations: np.ndarray, params, batcher: Batcher, client: str | None = None
+) -> Answer:
     """Codes of validated `activations` (batch, d_model) with validated `params`.
 
     Parameters are checked against the dictionary first, so a bad request is refused (422)
     before it can join a batch; then the rows go through the `batcher` (merged with concurrent
-    requests of the same dictionary and settings when dynamic batching is on). The settings
+    requests of the same dictionary and settings when dynamic batching is on; `client`, from
+    `auth.client_of`, gets its fair share of the queue and the solver threads). The settings
     are recorded as used (`Usage`: start-up warms the most used). Certificates, when asked
     for, are computed on a worker thread once the codes are in.
     """
@@ -273,6 +276,8 @@ async def solve(entry: Entry, activations: np.ndarray, params, batcher: Batcher)
         (entry.record.id, settings),
         activations,
         lambda rows, cancel: run(entry, rows, settings, programs, cancel),
+        label=entry.record.id,
+        client=client,
     )
     certificate = comparison = None
     if params.certify:

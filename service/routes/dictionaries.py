@@ -13,6 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import memory, unfolding
+from ..auth import client_of
 from ..batching import warmup
 from ..dependencies import RegistryDep, SettingsDep
 from ..errors import InvalidInput
@@ -256,7 +257,9 @@ async def unfold(request: Request, ref: str) -> Response:
         advice=f"ask for sparse codes (JSON output=sparse, or Accept: {SAFETENSORS})",
     )
     with state.registry.budget.hold_request(nbytes, state.settings.retry_after_s):
-        answer = await unfolding.solve(entry, activations, params, state.batcher)
+        answer = await unfolding.solve(
+            entry, activations, params, state.batcher, client_of(request)
+        )
         return unfolding.render(request, entry, answer, params)
 
 

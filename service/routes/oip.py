@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import memory, oip, unfolding
+from ..auth import client_of
 from ..dependencies import BatcherDep, RegistryDep, SettingsDep
 from ..errors import (
     MethodNotAllowed,
@@ -179,7 +180,9 @@ async def infer(
         advice="request the outputs indices and values instead of codes",
     )
     with registry.budget.hold_request(nbytes, settings.retry_after_s):
-        answer = await unfolding.solve(entry, activations, decoded.params, batcher)
+        answer = await unfolding.solve(
+            entry, activations, decoded.params, batcher, client_of(request)
+        )
         content, header_length = oip.encode_infer_response(entry, decoded, answer)
         content, encoding = oip.compress(content, request.headers.get("accept-encoding"))
     headers = {}

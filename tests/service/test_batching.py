@@ -487,3 +487,81 @@ def test_the_loaded_app_and_a_warmed_dictionary_settle_the_heap(tmp_path):
             assert time.monotonic() < deadline, "never warmed"
             time.sleep(0.05)
         assert gc.get_freeze_count() > 0
+
+
+def test_clients_take_turns_in_a_batch_and_a_full_queue_refuses_only_those_in_it():
+    release = threading.Event()
+    solve = Recorder(release)
+
+    async def main():
+        batcher = Batcher(max_batch_size=2, max_queue_rows=5, max_wait_ms=0, threads=1)
+        try:
+            held = asyncio.create_task(batcher.submit("k", rows_of(1, 0), solve, client="a"))
+            await asyncio.to_thread(solve.started.wait, 30)
+            backlog = [
+                asyncio.create_task(batcher.submit("k", rows_of(1, i), solve, client="a"))
+                for i in (1, 2, 3, 4)
+            ]
+            await asyncio.sleep(0)
+            with pytest.raises(Overloaded) as refused:  # full, and a has rows in it
+                await batcher.submit("k", rows_of(1, 5), solve, client="a")
+            # b has none: admitted past the limit, and not behind a's four.
+            other = asyncio.create_task(batcher.submit("k", rows_of(1, 100), solve, client="b"))
+            await asyncio.sleep(0)
+            assert batcher.queued_rows("k") == 6
+            release.set()
+            await asyncio.gather(held, *backlog, other)
+            return refused.value
+        finally:
+            release.set()
+            await batcher.close()
+
+    error = run(main())
+    assert error.status_code == 429 and "5 of them yours" in error.message
+    firsts = [sorted(call[:, 0].tolist()) for call in solve.calls]
+    assert firsts[:2] == [[0.0], [1.0, 100.0]]
+
+
+def test_a_freed_solver_thread_goes_first_to_a_dictionary_under_its_share():
+    """Two threads, both taken by dictionary d (nobody else waited). d's third solve waits,
+    then e's: the first thread freed goes to e, under its share, though d's came first."""
+    names = ("d1", "d2", "d3", "e")
+    releases = {name: threading.Event() for name in names}
+    started = {name: threading.Event() for name in names}
+    order: list[str] = []
+
+    def solver(name):
+        def solve(rows, cancel):
+            order.append(name)
+            started[name].set()
+            assert releases[name].wait(30)
+            return Result(2 * rows, rows.sum(axis=1), rows.shape[1])
+
+        return solve
+
+    async def main():
+        batcher = Batcher(max_wait_ms=0, threads=2)
+        tasks = {}
+        try:
+            for name in names:
+                key = (name[0], name)  # one key each; the dictionary is its first letter
+                tasks[name] = asyncio.create_task(batcher.submit(key, rows_of(1, 0), solver(name)))
+                if name in ("d1", "d2"):
+                    await asyncio.to_thread(started[name].wait, 30)
+                else:
+                    await asyncio.sleep(0.05)  # d3 waits, then e
+            assert order == ["d1", "d2"]
+            releases["d1"].set()
+            await tasks["d1"]
+            assert await asyncio.to_thread(started["e"].wait, 30)
+            assert not started["d3"].is_set()
+            for name in names:
+                releases[name].set()
+            await asyncio.gather(*tasks.values())
+        finally:
+            for release in releases.values():
+                release.set()
+            await batcher.close()
+
+    run(main())
+    assert order == ["d1", "d2", "e", "d3"]

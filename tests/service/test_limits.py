@@ -104,7 +104,7 @@ class Blocking:
         self.release = threading.Event()
         self.calls = 0
 
-    def __call__(self, rows):
+    def __call__(self, rows, cancel):
         self.calls += 1
         self.started.set()
         self.release.wait(timeout=30)
