@@ -99,12 +99,13 @@ def iterate(
     max_steps,
     *,
     cancel_every: int = 0,
+    ask_first: bool = True,
 ):
     """Run ``state = step(state, running)`` while some row runs, at most `max_steps` times
     (a static or traced integer). `stop` (batch,) int32: the rows' stop codes so far (rows
-    already stopped take no step). Within `cancellation`, before the first step and every
-    `cancel_every` steps (0: never) the loop ends if the solve is cancelled. Returns
-    (state, stop)."""
+    already stopped take no step). Within `cancellation`, every `cancel_every` steps (0: never)
+    and, if `ask_first`, before the first step, the loop ends if the solve is cancelled (a
+    loop nested in one that asks each step need not ask first). Returns (state, stop)."""
     token = getattr(_SCOPE, "token", None)
     asks = token is not None and cancel_every > 0
 
@@ -126,7 +127,8 @@ def iterate(
 
     # Asked before the first step too: loops that follow one another (chunks, segments) stop
     # at once after a cancel, not after `cancel_every` steps each.
-    start = (state, stop.astype(jnp.int32), 0, _cancelled(token) if asks else jnp.bool_(False))
+    halted = _cancelled(token) if asks and ask_first else jnp.bool_(False)
+    start = (state, stop.astype(jnp.int32), 0, halted)
     state, stop, _, _ = jax.lax.while_loop(cond, body, start)
     return state, stop
 

@@ -53,6 +53,8 @@ def proximal_gradient(
     stop: jax.Array,
     *,
     accelerated: bool = True,
+    cancel_rounds: int = 1,
+    ask_first: bool = True,
 ) -> tuple[FISTAState, jax.Array]:
     """Minimise ``0.5 ||x - c D||^2 + alpha ||c||_1`` (``c >= 0`` if `positive`) per row from
     `codes` (batch, m).
@@ -64,6 +66,8 @@ def proximal_gradient(
         budget: most proximal steps per row (an integer, or of shape (batch,)).
         stop: the rows' stop codes before the first step (rows already stopped stay so).
         accelerated: FISTA with restart; False: ISTA.
+        cancel_rounds, ask_first: how often (in rounds of `CHECK_EVERY` steps) and whether
+            before the first, the loop asks whether the solve is cancelled (`iterate`).
 
     Returns:
         (final state, final stop codes).
@@ -112,4 +116,12 @@ def proximal_gradient(
     )
     stop = jnp.where(stop == RUNNING, terminate(start), stop)
     rounds = jnp.max(budget) // CHECK_EVERY + 1
-    return iterate(driver_step, terminate, start, stop, rounds, cancel_every=1)
+    return iterate(
+        driver_step,
+        terminate,
+        start,
+        stop,
+        rounds,
+        cancel_every=cancel_rounds,
+        ask_first=ask_first,
+    )

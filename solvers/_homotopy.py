@@ -35,8 +35,9 @@ from ._driver import RUNNING, iterate, stop_code
 from ._products import einsum
 from ._result import Status
 
-PATH_CANCEL_EVERY = 16
-"""Events between the questions whether the solve is cancelled (`iterate`)."""
+PATH_CANCEL_EVERY = 64
+"""Events between the questions whether the solve is cancelled (`iterate`; the refreshes
+around a path ask before it)."""
 DEPENDENT_SCHUR = 1e3
 """A feature whose Schur complement is under this many epsilons of its squared norm is
 (numerically) dependent on the active set: the path stops there."""
@@ -277,7 +278,13 @@ def follow_path(
         return carry[5]
 
     (end, *_, steps), stop = iterate(
-        step, terminate, carry, stop, jnp.max(max_steps), cancel_every=PATH_CANCEL_EVERY
+        step,
+        terminate,
+        carry,
+        stop,
+        jnp.max(max_steps),
+        cancel_every=PATH_CANCEL_EVERY,
+        ask_first=False,
     )
     finished = stop == stop_code(Status.CONVERGED)
     crowded = stop == stop_code(Status.TOO_MANY_NONZEROS)

@@ -69,6 +69,8 @@ MAX_BUILT_BLOCK = 128
 """Matrix-free: largest working set whose Gram block is built from the atoms."""
 MIN_PATH_STEPS = 64
 """The homotopy on a working set of w features stops after max(2 w, this) entries and exits."""
+INNER_CANCEL_ROUNDS = 10
+"""Rounds of working-set FISTA between the questions whether the solve is cancelled."""
 SEGMENT_FRACTION = 0.5
 """Each homotopy segment ends at this fraction of the largest correlation outside its working
 set (or at alpha): lower takes fewer working-set refreshes but more entries and exits."""
@@ -392,7 +394,19 @@ def solve_lasso(
             return gap, gap <= target
 
         stop = jnp.where(active, RUNNING, stop_code(Status.CONVERGED))
-        final, _ = proximal_gradient(codes, corr_of, step, alpha, positive, converged, budget, stop)
+        # Nested in the refreshes, which ask each time: cheap working-set steps ask rarely.
+        final, _ = proximal_gradient(
+            codes,
+            corr_of,
+            step,
+            alpha,
+            positive,
+            converged,
+            budget,
+            stop,
+            cancel_rounds=INNER_CANCEL_ROUNDS,
+            ask_first=False,
+        )
         return final.codes, final.n_iter
 
     def run_tier(width: int, last_tier: bool, start: _Outer) -> _Outer:
