@@ -204,7 +204,11 @@ class Batcher:
             threads=settings.solver_threads,
             solver_share=settings.solver_share,
             metrics=metrics,
-            programs=Programs(metrics, Usage(settings.data_dir / USAGE_FILE)),
+            programs=Programs(
+                metrics,
+                Usage(settings.data_dir / USAGE_FILE),
+                max_families=settings.max_program_families,
+            ),
         )
 
     @property

@@ -70,6 +70,15 @@ class Metrics:
             buckets=COMPILE_BUCKETS,
             **kw,
         )
+        self.programs = Gauge(
+            "unfold_programs", "Compiled solver programs held (one per call size).", **kw
+        )
+        self.program_families_evicted = Counter(
+            "unfold_program_families_evicted",
+            "Program families (dictionary shape and static settings) freed, least recently "
+            "used first, to stay within UNFOLD_MAX_PROGRAM_FAMILIES.",
+            **kw,
+        )
         self.queue_depth = Gauge(
             "unfold_queue_depth",
             "Activation rows waiting or being solved, per dictionary.",

@@ -1,8 +1,15 @@
 """Compiled solver programs: which exist, compiling the missing ones once, and what to warm.
 
-`solvers.unfold` runs a batch as compiled calls of a few padded row counts; jit compiles a
-program per (dictionary shape, settings' static fields, `Plan`, rows of the call), the first time
-one runs. `Programs` keeps the service's record of them:
+`solvers.unfold` runs a batch as compiled calls of a few padded row counts: a program per
+(dictionary shape, settings' static fields, `Plan`, rows of the call). `Programs` holds the
+service's programs (compiled ahead of time into its families' `executables`, not jit's cache,
+so that they can be freed) and its record of them:
+
+- A *family* is the programs of one dictionary shape and one settings structure (the static
+  fields: OMP's `k` and `positive`, the LASSO methods' `positive` and `max_nonzero`; numbers
+  such as `tol`, `alpha` and `max_iter` are traced). At most `max_families` are kept: the least
+  recently used is freed first (``unfold_program_families_evicted``), so callers cycling
+  through static values cost compile time, never unbounded memory.
 
 - `ensure` is called before a batch is solved: it compiles the programs that batch will run and
   that do not exist yet, by running the solver on zero rows (which fills jit's cache), one at a
@@ -17,6 +24,7 @@ one runs. `Programs` keeps the service's record of them:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -43,6 +51,8 @@ USAGE_FILE = "warmup.json"
 """The usage record's file under the data directory."""
 SAVE_INTERVAL_S = 60.0
 """How often the usage record is saved while it changes (and once at shutdown)."""
+MAX_FAMILIES = 64
+"""Program families kept by default (`Programs`)."""
 MAX_USES_PER_DICTIONARY = 32
 """Most settings recorded per dictionary; a new one replaces the least recently used."""
 
@@ -105,6 +115,7 @@ class _Family:
     """The programs of one dictionary shape and one settings structure."""
 
     plan: solvers.Plan  # chosen once: every call of the family runs with it
+    executables: dict[int, Any] = dataclasses.field(default_factory=dict)  # by rows of a call
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     compiled: set[int] = dataclasses.field(default_factory=set)  # rows of the calls compiled
     ready: set[int] = dataclasses.field(default_factory=set)  # batch sizes with every call compiled
@@ -116,14 +127,38 @@ class Programs:
     Args:
         metrics: a `service.metrics.Metrics` to time compilations in.
         usage: the record of settings used (default: one kept in memory only).
+        max_families: most families kept (least recently used freed first).
     """
 
-    def __init__(self, metrics=None, usage: Usage | None = None):
+    def __init__(self, metrics=None, usage: Usage | None = None, max_families: int = MAX_FAMILIES):
         self.metrics = metrics
         self.usage = usage if usage is not None else Usage()
+        self.max_families = max_families
         self.clock = CompileClock()
-        self._families: dict[tuple, _Family] = {}
+        self._families: collections.OrderedDict[tuple, _Family] = collections.OrderedDict()
         self._lock = threading.Lock()
+        if metrics is not None:
+            metrics.programs.set_function(self.count)
+
+    def count(self) -> int:
+        """Compiled programs held."""
+        with self._lock:
+            return sum(len(family.executables) for family in self._families.values())
+
+    def run(
+        self, entry, settings, rows: np.ndarray, cancel: threading.Event | None = None
+    ) -> solvers.UnfoldResult:
+        """`solvers.unfold` of `rows` with `settings` over `entry`, once `ensure` compiled
+        what they need, with the family's programs."""
+        family = self._ensure(entry, settings, rows.shape[0], "request")
+        return solvers.unfold(
+            rows,
+            entry.prepared,
+            method=settings,
+            plan=family.plan,
+            cancel=cancel,
+            executables=family.executables,
+        )
 
     def ensure(self, entry, settings, n_rows: int, *, cause: str = "request") -> solvers.Plan:
         """Compile the programs a batch of `n_rows` rows with `settings` (from
@@ -132,9 +167,12 @@ class Programs:
         (``solvers.unfold(..., plan=plan)``), which the programs were compiled for.
 
         `cause` ("request" or "warm-up") labels the compile metric and sets the log level."""
+        return self._ensure(entry, settings, n_rows, cause).plan
+
+    def _ensure(self, entry, settings, n_rows: int, cause: str) -> _Family:
         family = self._family(entry.prepared, settings)
         if n_rows in family.ready:
-            return family.plan
+            return family
         needed = call_rows(family.plan, n_rows)
         if not needed <= family.compiled:
             with family.lock:  # one compilation at a time per family; waiters then find it done
@@ -142,7 +180,7 @@ class Programs:
                     if rows not in family.compiled:  # an earlier run may have compiled it
                         self._compile(entry, settings, family, rows, n_rows, cause)
         family.ready.add(n_rows)
-        return family.plan
+        return family
 
     def warm(
         self, entry, settings, sizes: Iterable[int], *, stop: threading.Event | None = None
@@ -164,12 +202,16 @@ class Programs:
 
     def _family(self, prepared: solvers.Dictionary, settings) -> _Family:
         key = self._key(prepared, settings)
-        family = self._families.get(key)
-        if family is None:
-            with self._lock:
-                family = self._families.get(key)
-                if family is None:
-                    family = self._families[key] = _Family(solvers.plan_for(settings, prepared))
+        with self._lock:
+            family = self._families.get(key)
+            if family is not None:
+                self._families.move_to_end(key)
+                return family
+            family = self._families[key] = _Family(solvers.plan_for(settings, prepared))
+            while len(self._families) > self.max_families:
+                self._families.popitem(last=False)  # its programs go with the last reference
+                if self.metrics is not None:
+                    self.metrics.program_families_evicted.inc()
         return family
 
     @staticmethod
@@ -188,7 +230,7 @@ class Programs:
         zeros = np.zeros((batch, entry.prepared.d_model), entry.prepared.dtype)
         started = time.perf_counter()
         with self.clock.running():
-            self._run(zeros, entry.prepared, settings, family.plan)
+            self._run(zeros, entry.prepared, settings, family)
         seconds = time.perf_counter() - started
         family.compiled.update(call_rows(family.plan, batch))
         method = METHOD_NAMES.get(type(settings), type(settings).__name__)
@@ -205,9 +247,11 @@ class Programs:
         )
 
     @staticmethod
-    def _run(zeros: np.ndarray, prepared: solvers.Dictionary, settings, plan: solvers.Plan):
+    def _run(zeros: np.ndarray, prepared: solvers.Dictionary, settings, family: _Family):
         """The compiling run (tests slow it down to stand for a long compilation)."""
-        solvers.unfold(zeros, prepared, method=settings, plan=plan)
+        solvers.unfold(
+            zeros, prepared, method=settings, plan=family.plan, executables=family.executables
+        )
 
 
 @dataclasses.dataclass(eq=False)

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         description="Most solver threads one dictionary, or one client alone in its batches, "
         "holds at once (default: all but one, at least one), so that others still find one.",
     )
+    max_program_families: int = Field(
+        64,
+        ge=1,
+        description="Compiled program families kept (a dictionary shape and a method's static "
+        "settings: OMP's k and positive, the LASSO methods' positive and max_nonzero); the least "
+        "recently used is freed first.",
+    )
     warmup: bool = Field(
         True, description="Compile the common batch sizes for loaded dictionaries at start-up."
     )

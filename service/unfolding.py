@@ -202,10 +202,9 @@ def run(
     cancel: threading.Event | None = None,
 ) -> solvers.UnfoldResult:
     """Solve with `settings` from `solver_settings`, once `programs` has compiled what these
-    rows need (`Programs.ensure`: compiling is timed apart and leaves deadlines alone); setting
+    rows need (`Programs.run`: compiling is timed apart and leaves deadlines alone); setting
     `cancel` stops the solve (`solvers.Cancelled`)."""
-    plan = programs.ensure(entry, settings, activations.shape[0])
-    return solvers.unfold(activations, entry.prepared, method=settings, plan=plan, cancel=cancel)
+    return programs.run(entry, settings, activations, cancel)
 
 
 SETTINGS_CACHE_SIZE = 256

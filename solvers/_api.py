@@ -6,6 +6,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import threading
+from collections.abc import MutableMapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,7 @@ def unfold(
     streams: int | None = None,
     scan: str | None = None,
     cancel: threading.Event | None = None,
+    executables: MutableMapping[int, Any] | None = None,
     **params,
 ) -> UnfoldResult:
     """Sparse codes of `activations` over the feature directions of `dictionary`.
@@ -72,6 +75,10 @@ def unfold(
         cancel: an event another thread may set to stop the solve: no new call starts, and
             the running ones end within a few iterations (the LASSO methods' rounds, OMP's
             steps past k = 64; OMP with k <= 64 finishes its call); `Cancelled` is raised.
+        executables: where to keep the programs compiled for these settings' calls (by their
+            padded rows; pass the same mapping with the same settings structure, plan and
+            dictionary shape each time): a caller that holds it decides when they are freed.
+            None: jit's own cache keeps them for the life of the process.
         **params: the method's settings, e.g. ``k`` and ``tol`` for "omp".
 
     Returns:
@@ -101,7 +108,7 @@ def unfold(
     elif not isinstance(plan, Plan) or any(v is not None for v in (*overrides.values(), scan)):
         raise ValueError("pass either a Plan or its overrides (chunk_rows, ...), not both")
     with precision(dictionary.dtype):  # float64: JAX's 64-bit mode for this call only
-        result = run(settings, dictionary, x, plan, cancel)
+        result = run(settings, dictionary, x, plan, cancel, executables)
     if single:
         fields = result._asdict().items()
         return result._replace(**{f: v[0] for f, v in fields if f != "n_features"})
@@ -141,6 +148,7 @@ def run(
     x: np.ndarray,
     plan: Plan,
     cancel: threading.Event | None = None,
+    executables: MutableMapping[int, Any] | None = None,
 ) -> UnfoldResult:
     """Run validated `settings` on validated activations `x` of shape (batch, d_model).
 
@@ -150,6 +158,7 @@ def run(
     call's rows are split between them (``shard="rows"``) or given to each
     (``shard="features"``). Setting `cancel` stops the solve (`Cancelled`): no call starts
     after it, and the running ones stop at their loops' next question (`cancellation`).
+    With `executables`, each call's program is compiled ahead of time into it (`unfold`).
     """
     program, place = _solve_jit, jnp.asarray
     if dictionary.shard is not None:
@@ -162,7 +171,15 @@ def run(
         padded = np.zeros((n_padded, x.shape[1]), x.dtype)
         padded[: len(rows)] = x[rows.start : rows.stop]
         with precision(dictionary.dtype):  # thread-local: entered by each thread
-            out = program(settings, dictionary, place(padded), plan, jnp.int32(token))
+            args = (settings, dictionary, place(padded))
+            if executables is None:
+                out = program(*args, plan, jnp.int32(token))
+            else:
+                executable = executables.get(n_padded)
+                if executable is None:
+                    lowered = program.lower(*args, plan, jnp.int32(0))
+                    executable = executables[n_padded] = lowered.compile()
+                out = executable(*args, jnp.int32(token))
             out = [np.asarray(field)[: len(rows)] for field in out]
         if cancel is not None and cancel.is_set():  # maybe stopped midway
             raise Cancelled("the solve was cancelled")

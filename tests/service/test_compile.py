@@ -64,10 +64,10 @@ def slowed(monkeypatch, seconds: float) -> list:
     runs = []
     run = Programs._run
 
-    def slow_run(zeros, prepared, settings, plan):
+    def slow_run(zeros, prepared, settings, family):
         runs.append(zeros.shape[0])
         time.sleep(seconds)
-        run(zeros, prepared, settings, plan)
+        run(zeros, prepared, settings, family)
 
     monkeypatch.setattr(Programs, "_run", staticmethod(slow_run))
     return runs
@@ -153,18 +153,20 @@ def test_concurrent_callers_needing_a_new_program_compile_it_once(monkeypatch):
     needed = call_rows(plans[0], 6)
     compiled = programs.compiled(entry, settings)
     assert len(runs) == len(needed) and compiled >= needed
-    assert jit_programs() - before == len(compiled)  # the record is jit's cache
+    assert programs.count() == len(compiled)  # the record is the programs held
+    assert jit_programs() == before  # compiled ahead of time, not into jit's cache
     count = metrics.registry.get_sample_value(
         "unfold_compile_seconds_count", {"method": "omp", "cause": "request"}
     )
     assert count == len(needed)
     # The real solve compiles nothing more; nor does another tolerance (traced, not static).
     x = np.random.default_rng(1).standard_normal((6, 13)).astype(np.float32)
-    solvers.unfold(x, entry.prepared, method=settings, plan=plans[0])
+    programs.run(entry, settings, x)
     other = solvers.make_settings("omp", entry.prepared, k=3, tol=0.5)
     assert programs.ensure(entry, other, 6) == plans[0]
-    solvers.unfold(x, entry.prepared, method=other, plan=plans[0])
-    assert len(runs) == len(needed) and jit_programs() - before == len(compiled)
+    programs.run(entry, other, x)
+    assert len(runs) == len(needed) and programs.count() == len(compiled)
+    assert jit_programs() == before
 
 
 def test_each_program_a_batch_runs_is_compiled_by_the_fewest_rows(monkeypatch):
@@ -182,10 +184,9 @@ def test_each_program_a_batch_runs_is_compiled_by_the_fewest_rows(monkeypatch):
     assert runs == []
     twin = entry_of(43, 13, seed=1)
     programs.ensure(twin, settings, 5000)
-    before = jit_programs()
-    x = np.ones((5000, 13), np.float32)
-    solvers.unfold(x, twin.prepared, method=settings, plan=plan)
-    assert runs == [] and jit_programs() == before  # so does jit
+    held = programs.count()
+    programs.run(twin, settings, np.ones((5000, 13), np.float32))
+    assert runs == [] and programs.count() == held
 
 
 # Through the app.
@@ -247,3 +248,25 @@ def test_concurrent_requests_with_a_new_program_compile_it_once(tmp_path, monkey
         settings = solvers.make_settings("omp", entry.prepared, k=5)
         plan = client.app.state.batcher.programs.ensure(entry, settings, 2)
         assert len(runs) == len(call_rows(plan, 2)) >= 1
+
+
+def test_program_families_past_the_limit_are_freed_least_recently_used_first():
+    """A caller cycling through static values (OMP's k) costs compilations, not memory."""
+    entry = entry_of(40, 8)
+    metrics = Metrics()
+    programs = Programs(metrics, max_families=2)
+    x = np.ones((3, 8), np.float32)
+    omp = {k: solvers.make_settings("omp", entry.prepared, k=k) for k in (1, 2, 3)}
+    for k in (1, 2, 1, 3):  # k=2 is then the least recently used
+        programs.run(entry, omp[k], x)
+    assert programs.compiled(entry, omp[2]) == frozenset()
+    assert programs.compiled(entry, omp[1]) and programs.compiled(entry, omp[3])
+    assert metrics.registry.get_sample_value("unfold_program_families_evicted_total") == 1
+    held = metrics.registry.get_sample_value("unfold_programs")
+    assert (
+        held
+        == programs.count()
+        == len(programs.compiled(entry, omp[1])) + len(programs.compiled(entry, omp[3]))
+    )
+    again = programs.run(entry, omp[2], x)  # compiled again, same answer
+    np.testing.assert_array_equal(again.indices, solvers.unfold(x, entry.prepared, k=2).indices)
