@@ -27,6 +27,7 @@ from . import __version__
 
 METHODS = ("omp", "ista", "fista", "lasso")
 DEFAULT_BATCH_SIZE = 1024  # rows per solve (and progress step) of `unfold run`
+DEFAULT_SHARD_ROWS = 16384  # rows per output shard of `unfold run` (what a resume may redo)
 
 
 class CLIError(Exception):
@@ -331,38 +332,6 @@ def dict_rm(args: argparse.Namespace) -> int:
 # run
 
 
-def read_activations(path: Path, tensor: str | None) -> np.ndarray:
-    """Activations of shape (..., d_model) from a .npy file (memory-mapped) or a safetensors
-    file (the tensor `tensor`, or its only tensor)."""
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as error:
-            raise CLIError(f"{path}: not a numeric .npy file ({error})") from None
-    elif suffix == ".safetensors":
-        from .errors import InvalidInput
-        from .formats import SafetensorsFile, map_file
-
-        try:
-            file = SafetensorsFile(map_file(path), str(path))
-            names = list(file.tensors)
-            if tensor is None:
-                if len(names) != 1:
-                    raise CLIError(f"{path} holds tensors {names}; choose one with --input-tensor")
-                tensor = names[0]
-            if tensor not in names:
-                raise CLIError(f"{path} has no tensor {tensor!r}; it holds {names}")
-            array = file.array(tensor)  # memory-mapped; bfloat16 and float16 included
-        except InvalidInput as error:
-            raise CLIError(error.message) from None
-    else:
-        raise CLIError(f"{path}: activations must be a .npy or .safetensors file")
-    if array.ndim == 0 or not np.can_cast(array.dtype, np.float64, "same_kind"):
-        raise CLIError(f"{path}: activations must be a numeric array of shape (..., d_model)")
-    return array
-
-
 def solver_params(args: argparse.Namespace) -> dict:
     params = {"k": args.k, "tol": args.tol, "alpha": args.alpha, "max_iter": args.max_iter}
     params = {key: value for key, value in params.items() if value is not None}
@@ -372,51 +341,94 @@ def solver_params(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from safetensors.numpy import save_file
     from tqdm import tqdm
 
     from .client import UnfoldResult
+    from .datasets import Activations, CodesWriter
 
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CLIError("--batch-size must be at least 1")
-    activations = read_activations(Path(args.input), args.input_tensor)
-    lead, d_model = activations.shape[:-1], activations.shape[-1]
-    rows = activations.reshape(-1, d_model)
-    if rows.shape[0] == 0:
-        raise CLIError(f"{args.input} holds no activations (shape {list(activations.shape)})")
+    for name in ("batch_size", "shard_rows"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    source = Activations(Path(args.input), args.input_tensor)
     params = solver_params(args)
+    step = args.batch_size or DEFAULT_BATCH_SIZE
+    shard_rows = args.shard_rows or DEFAULT_SHARD_ROWS
     with contextlib.closing(backend(args, args.batch_size)) as where:
         solve, info = where.solver(args.dictionary, args.method, params)
-        if info["d_model"] != d_model:
+        if info["d_model"] != source.d_model:
             raise CLIError(
-                f"{args.input} has d_model={d_model} (shape {list(activations.shape)}); "
-                f"dictionary {info['name']} needs {info['d_model']}"
+                f"{args.input} has d_model={source.d_model}; dictionary {info['name']} needs "
+                f"{info['d_model']}"
             )
-        parts, started = [], time.perf_counter()
-        with tqdm(
-            total=rows.shape[0], unit="row", file=sys.stderr, disable=args.quiet, desc="unfold"
-        ) as progress:
-            step = args.batch_size or DEFAULT_BATCH_SIZE
-            for start in range(0, rows.shape[0], step):
-                batch = np.asarray(rows[start : start + step], dtype=np.float32)
-                parts.append(as_client_result(solve(batch), info["n_features"]))
-                progress.update(batch.shape[0])
+        header = {
+            "dictionary": str(info.get("id") or info["name"]),
+            "n_features": info["n_features"],
+            "method": args.method,
+            "params": params,
+            "input": source.fingerprint(),
+            "shard_rows": shard_rows,
+            "batch_size": step,
+        }
+        writer = CodesWriter(Path(args.output), header, args.resume, args.overwrite)
+        shards = range(0, source.rows, shard_rows)
+        done = sum(shard["rows"] for shard in writer.done.values())
+        started = time.perf_counter()
+        with (
+            tqdm(
+                total=source.rows,
+                initial=done,
+                unit="row",
+                file=sys.stderr,
+                disable=args.quiet,
+                desc="unfold",
+            ) as progress,
+            interrupted_by_sigterm(),
+        ):
+            try:
+                for index, start in enumerate(shards):
+                    if index in writer.done:
+                        continue
+                    stop, parts = min(start + shard_rows, source.rows), []
+                    for first in range(start, stop, step):
+                        rows = source.read(first, min(first + step, stop))
+                        parts.append(as_client_result(solve(rows), info["n_features"]))
+                        progress.update(rows.shape[0])
+                    writer.write(index, start, UnfoldResult.concatenate(parts).tensors())
+            except KeyboardInterrupt:
+                left = len(shards) - len(writer.done)
+                print(
+                    f"unfold: interrupted with {left} of {len(shards)} shards left; run the "
+                    "same command with --resume to finish",
+                    file=sys.stderr,
+                )
+                raise
         elapsed = time.perf_counter() - started
-    result = UnfoldResult.concatenate(parts).reshape(lead)
     metadata = {
-        "dictionary": str(info.get("id") or info["name"]),
+        "dictionary": header["dictionary"],
         "dictionary_name": str(info["name"]),
         "n_features": str(info["n_features"]),
         "method": args.method,
         "params": json.dumps(params),
-        "input_shape": json.dumps(list(activations.shape)),
+        "input_shape": json.dumps([*source.shape, source.d_model]),
     }
-    output = Path(args.output)
-    partial = output.with_name(output.name + ".partial")
-    save_file({k: np.ascontiguousarray(v) for k, v in result.tensors().items()}, partial, metadata)
-    os.replace(partial, output)
-    print(summary(result, elapsed, output), file=sys.stderr)
+    output = writer.finish(source.shape, metadata)
+    print(summary(writer.shards(), source.rows - done, elapsed, output), file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def interrupted_by_sigterm():
+    """SIGTERM stops `unfold run` as Ctrl-C does: finished shards stay, ready to resume."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def as_client_result(result, n_features: int):
@@ -433,19 +445,28 @@ def as_client_result(result, n_features: int):
     )
 
 
-def summary(result, elapsed: float, output: Path) -> str:
+def summary(files: list[Path], solved: int, elapsed: float, output: Path) -> str:
+    """One line about the codes written (read back from the diagnostics of their shards, or
+    of `output` when it is one file)."""
+    from safetensors import safe_open
+
     import solvers
 
-    n = result.l0.size
-    statuses = np.unique(result.status.ravel(), return_counts=True)
+    opened = [safe_open(path, "np") for path in files or [output]]
+
+    def whole(name: str) -> np.ndarray:
+        return np.concatenate([file.get_tensor(name).ravel() for file in opened])
+
+    l0, error, status = whole("l0"), whole("relative_error"), whole("status")
+    statuses = np.unique(status, return_counts=True)
     counts = ", ".join(
-        f"{count} {solvers.Status(int(status)).name.lower()}"
-        for status, count in zip(*statuses, strict=True)
+        f"{count} {solvers.Status(int(code)).name.lower()}"
+        for code, count in zip(*statuses, strict=True)
     )
     return (
-        f"{n} rows in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.0f} rows/s); "
-        f"mean L0 {result.l0.mean():.2f}; mean relative error {result.relative_error.mean():.4g}; "
-        f"status: {counts}; wrote {output}"
+        f"{l0.size} rows ({solved} solved now in {elapsed:.2f} s, "
+        f"{solved / max(elapsed, 1e-9):.0f} rows/s); mean L0 {l0.mean():.2f}; mean relative "
+        f"error {error.mean():.4g}; status: {counts}; wrote {output}"
     )
 
 
@@ -542,20 +563,30 @@ def build_parser() -> argparse.ArgumentParser:
     runner = commands.add_parser(
         "run",
         parents=[where],
-        help="unfold a file of activations into a safetensors file",
-        description="Unfold every activation of INPUT (.npy or .safetensors, shape (batch, "
-        "d_model), (batch, pos, d_model) or any (..., d_model)) over dictionary DICTIONARY and "
-        "write OUTPUT (safetensors: indices, values, residual_norm, relative_error, l0, n_iter, "
-        "status, duality_gap, with the input's leading shape). Prints a summary on stderr.",
+        help="unfold a dataset of activations, shard by shard",
+        description="Unfold every activation of INPUT (a .npy, .safetensors or .npz file of "
+        "shape (batch, d_model), (batch, pos, d_model) or any (..., d_model), or a folder of "
+        "such files, read in name order) over dictionary DICTIONARY into OUTPUT: a folder of "
+        "safetensors shards with a manifest.json, or one .safetensors file (indices, values, "
+        "residual_norm, relative_error, l0, n_iter, status, duality_gap, with the input's "
+        "leading shape). Memory stays flat in the number of rows. Interrupted (Ctrl-C, "
+        "SIGTERM), the finished shards stay: the same command with --resume finishes the run "
+        "with identical results. Prints a summary on stderr.",
     )
     runner.add_argument(
         "dictionary",
         metavar="DICTIONARY",
         help="id or name; in-process also a dictionary file or SAELens folder",
     )
-    runner.add_argument("input", metavar="INPUT", help="activations: .npy or .safetensors")
-    runner.add_argument("output", metavar="OUTPUT", help="where to write the codes (safetensors)")
-    runner.add_argument("--input-tensor", help="the tensor of INPUT to read (safetensors)")
+    runner.add_argument(
+        "input", metavar="INPUT", help="activations: a .npy, .safetensors or .npz file, or a folder"
+    )
+    runner.add_argument(
+        "output", metavar="OUTPUT", help="the codes: a folder of shards, or a .safetensors file"
+    )
+    runner.add_argument(
+        "--input-tensor", help="the tensor (safetensors) or array (.npz) of INPUT to read"
+    )
     runner.add_argument("--method", choices=METHODS, default="omp", help="solver (default omp)")
     runner.add_argument("--k", type=int, help="omp: most atoms per row (server default 8)")
     runner.add_argument(
@@ -570,6 +601,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"rows per solve (default {DEFAULT_BATCH_SIZE}) and, with --url, per request "
         "(default: sized by the client from the dictionary, the method and the server's timeout)",
     )
+    runner.add_argument(
+        "--shard-rows",
+        type=int,
+        help=f"rows per output shard (default {DEFAULT_SHARD_ROWS}): the most a resume redoes",
+    )
+    runner.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run into OUTPUT"
+    )
+    runner.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     runner.add_argument("--quiet", action="store_true", help="no progress bar")
     runner.set_defaults(handler=run)
     return parser

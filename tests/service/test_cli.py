@@ -86,7 +86,7 @@ def test_against_a_server(url, files, capsys, monkeypatch):
     assert code == 0, err
     check_output(output, codes)
     summary = err.strip().splitlines()[-1]
-    assert summary.startswith("12 rows in ") and "rows/s" in summary
+    assert summary.startswith("12 rows (12 solved now in ") and "rows/s" in summary
     assert "mean L0 3.00" in summary and "mean relative error" in summary
 
     code, out, _ = unfold(capsys, "dict", "rm", "toy")
@@ -158,7 +158,7 @@ def test_safetensors_input_and_errors(url, files, capsys):
     x = np.load(folder / "acts.npy")
     save_file({"resid": x, "other": np.zeros(3, np.float32)}, folder / "acts.safetensors")
     output = folder / "out.safetensors"
-    common = ["--url", url, "--k", "3", "--quiet"]
+    common = ["--url", url, "--k", "3", "--quiet", "--overwrite"]
     code, _, err = unfold(capsys, "run", "toy2", folder / "acts.safetensors", output, *common)
     assert code == 1 and "--input-tensor" in err and not output.exists()
     code, _, err = unfold(
@@ -183,7 +183,7 @@ def test_safetensors_input_and_errors(url, files, capsys):
     code, _, err = unfold(capsys, "run", "toy2", folder / "narrow.npy", output, *common)
     assert code == 1 and "d_model=23" in err
     code, _, err = unfold(
-        capsys, "run", "toy2", folder / "acts.npy", output, "--k", "99", "--url", url
+        capsys, "run", "toy2", folder / "acts.npy", output, "--k", "99", "--url", url, "--overwrite"
     )
     last = err.strip().splitlines()[-1]  # after the progress bar
     assert code == 1 and last.startswith("unfold: error:") and "invalid_parameter" in last
@@ -212,7 +212,7 @@ def test_in_process(files, capsys, tmp_path):
     check_output(output, codes)
     # A dictionary file in place of a name.
     code, _, err = unfold(
-        capsys, "run", folder / "toy.npy", folder / "acts.npy", output, "--k", "3"
+        capsys, "run", folder / "toy.npy", folder / "acts.npy", output, "--k", "3", "--overwrite"
     )
     assert code == 0, err
     check_output(output, codes)
