@@ -18,6 +18,7 @@ from .background import BackgroundWork
 from .batching import Batcher, enable_compilation_cache, settle_heap, warmup, warmup_used
 from .demo import demo_registrations
 from .errors import install_error_handlers
+from .jobs import Jobs
 from .limits import BodyLimitMiddleware
 from .logs import configure_logging
 from .memory import MemoryBudget
@@ -26,7 +27,7 @@ from .parsing import JsonParser
 from .programs import Programs
 from .registry import Registry
 from .reports import Reports, ReportSettings
-from .routes import dictionaries, health, info, metrics, oip, reports
+from .routes import dictionaries, health, info, jobs, metrics, oip, reports
 from .routes._direct import DirectRoute, DirectRoutes
 from .settings import Settings
 from .store import DictionaryStore
@@ -94,6 +95,7 @@ ROUTERS = (
     info.router,
     metrics.router,
     oip.router,
+    jobs.router,
 )
 
 
@@ -118,7 +120,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.background.start(  # saves the settings used now and then, and at shutdown
             "unfold-usage", programs.usage.keep_saved, app.state.background.stopping
         )
+        app.state.jobs.batcher = app.state.batcher
+        app.state.jobs.start(app.state.background)
         yield
+        app.state.jobs.close()
         await app.state.batcher.close()
         app.state.json_parser.close()
         # At most one compilation to wait for (warm-up checks `stopping` between them).
@@ -146,6 +151,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.batcher = Batcher.from_settings(settings, app.state.metrics)
     app.state.background = BackgroundWork()
     app.state.json_parser = JsonParser()
+    app.state.jobs = Jobs(
+        settings.data_dir,
+        app.state.registry,
+        app.state.batcher,
+        settings.max_jobs,
+        settings.job_shard_rows,
+    )
     app.state.reports = Reports(
         app.state.registry.store.root,
         app.state.background,
@@ -174,6 +186,7 @@ def install_middleware(app: FastAPI, settings: Settings) -> None:
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
         max_dictionary_bytes=settings.max_dictionary_bytes,
+        max_job_input_bytes=settings.max_job_input_bytes,
     )
     if settings.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)

@@ -215,6 +215,10 @@ class Batcher:
     def closed(self) -> bool:
         return self._closed
 
+    def busy(self) -> bool:
+        """Whether any request is waiting or being solved."""
+        return any(self._label_rows.values())
+
     def queued_rows(self, key: Hashable) -> int:
         """Rows admitted for `key` and not yet answered."""
         queue = self._queues.get(key)

@@ -238,12 +238,20 @@ class CodesWriter:
         return [self.folder / shard["file"] for _, shard in sorted(self.done.items())]
 
     def finish(self, shape: tuple[int, ...], metadata: dict[str, str]) -> Path:
-        """The output: the folder as it is, or the single file assembled from it (each tensor
-        in the input's leading `shape`, sparse ones padded to the widest shard; written tensor
-        by tensor, a shard at a time), after which the folder is removed."""
+        """The output: the folder as it is, or the single file `assemble`d from it, after
+        which the folder is removed."""
         if not self.single:
             return self.output
-        shards = [safe_open(path, "np") for path in self.shards()]
+        self.assemble(self.output, shape, metadata)
+        shutil.rmtree(self.folder)
+        self.done = {}
+        return self.output
+
+    def assemble(self, path: Path, shape: tuple[int, ...], metadata: dict[str, str]) -> None:
+        """One safetensors file at `path` of every shard's rows: each tensor in the input's
+        leading `shape`, sparse ones padded to the widest shard; written tensor by tensor, a
+        shard at a time, atomically."""
+        shards = [safe_open(file, "np") for file in self.shards()]
         header, offset, layout = {"__metadata__": metadata}, 0, []
         for name in shards[0].keys():  # noqa: SIM118 (safe_open is not iterable)
             dtype = shards[0].get_slice(name).get_dtype()
@@ -257,7 +265,7 @@ class CodesWriter:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        partial = self.output.with_name(self.output.name + ".partial")
+        partial = path.with_name(path.name + ".partial")
         with open(partial, "wb") as file:
             file.write(struct.pack("<Q", len(encoded)) + encoded)
             for name, width, fill in layout:
@@ -267,10 +275,7 @@ class CodesWriter:
                         extra = ((0, 0), (0, width - piece.shape[1]))
                         piece = np.pad(piece, extra, constant_values=fill)
                     file.write(np.ascontiguousarray(piece, piece.dtype.newbyteorder("<")).data)
-        os.replace(partial, self.output)
-        shutil.rmtree(self.folder)
-        self.done = {}
-        return self.output
+        os.replace(partial, path)
 
 
 WRITTEN = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",

@@ -44,6 +44,13 @@ class MethodNotAllowed(UnfoldError):
         self.headers = {"Allow": ", ".join(allow)}
 
 
+class Forbidden(UnfoldError):
+    """The request asks for something this server does not allow (a path outside its list)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class Conflict(UnfoldError):
     status_code = 409
     code = "conflict"

@@ -19,9 +19,14 @@ class BodyTooLarge(Exception):
 
 
 REGISTRATION = ("POST", "/v1/dictionaries")
+JOB = ("POST", "/v1/jobs")
 BODY_ADVICE = (
     "send fewer rows per request, or a binary format (application/x-npy) instead of JSON; "
     "the limit is UNFOLD_MAX_BODY_BYTES"
+)
+JOB_ADVICE = (
+    'split the activations into several jobs, give a server-side path ({"input": PATH} '
+    "under UNFOLD_JOB_INPUT_DIRS), or raise the server's UNFOLD_MAX_JOB_INPUT_BYTES"
 )
 UPLOAD_ADVICE = (
     "send only the decoder (W_dec, b_dec: the client and `unfold dict add` do), or raise the "
@@ -43,16 +48,22 @@ class BodyLimitMiddleware:
     """Refuse request bodies larger than `max_body_bytes` (dictionary registrations:
     `max_dictionary_bytes`) with 413 `body_too_large`."""
 
-    def __init__(self, app, max_body_bytes: int, max_dictionary_bytes: int):
+    def __init__(
+        self, app, max_body_bytes: int, max_dictionary_bytes: int, max_job_input_bytes: int
+    ):
         self.app = app
         self.body_limit = max_body_bytes
         self.upload_limit = max_dictionary_bytes
+        self.job_limit = max_job_input_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if (scope["method"], scope["path"].rstrip("/")) == REGISTRATION:
+        route = (scope["method"], scope["path"].rstrip("/"))
+        if route == REGISTRATION:
             limit, advice = self.upload_limit, UPLOAD_ADVICE
+        elif route == JOB:
+            limit, advice = self.job_limit, JOB_ADVICE
         else:
             limit, advice = self.body_limit, BODY_ADVICE
         length = _content_length(scope)

@@ -375,3 +375,57 @@ def openapi_body(schema, binary: dict[str, str]) -> dict:
         schema = {"type": "string", "format": "binary", "description": description}
         content[media_type] = {"schema": schema}
     return {"requestBody": {"required": True, "content": content}, "x-definitions": definitions}
+
+
+# Jobs.
+
+SOLVER_FIELDS = ("method", "k", "tol", "alpha", "max_iter", "positive", "max_nonzero")
+"""The fields of a job's solver parameters (unfold's, without its output options)."""
+
+
+class JobCreate(BaseModel):
+    """A job over activations the server can read: a file or a folder of shards under one of
+    UNFOLD_JOB_INPUT_DIRS. Solver parameters as in unfold (`method`, `k`, `alpha`, ...)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    input: str = Field(description="Absolute path of a .npy/.safetensors/.npz file or folder.")
+    dictionary: str = Field(description="Id or name of a registered dictionary.")
+    method: Literal["omp", "ista", "fista", "lasso"] = "omp"
+
+
+class JobInfo(BaseModel):
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    dictionary: str
+    method: str
+    params: dict[str, Any]
+    input: str
+    rows_total: int
+    rows_done: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    rows_per_s: float | None
+    eta_s: float | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
+
+
+class FeatureStatistic(BaseModel):
+    feature: int
+    label: str | None
+    count: int
+    frequency: float = Field(description="Fraction of rows where the feature fires.")
+    mean: float = Field(description="Mean code where it fires.")
+    max_abs: float = Field(description="Largest |code|.")
+
+
+class JobFeatures(BaseModel):
+    rows: int
+    n_features: int
+    firing: int = Field(description="Features that fire at least once.")
+    top: list[FeatureStatistic] = Field(description="The most frequent features first.")

@@ -106,6 +106,18 @@ class Settings(BaseSettings):
         description="Comma-separated API keys; when set, every route but /healthz and /readyz "
         "needs `Authorization: Bearer <key>`.",
     )
+    job_input_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated folders whose files and sub-folders jobs may read as "
+        'input ({"input": PATH}); none: jobs take uploaded files only.',
+    )
+    max_jobs: int = Field(1, ge=1, description="Jobs running at once.")
+    job_shard_rows: int = Field(
+        16384, ge=1, description="Rows per shard of a job's codes (what a resume redoes)."
+    )
+    max_job_input_bytes: int = Field(
+        64 * 1024**3, ge=0, description="Largest job input upload (streamed to disk)."
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated origins allowed by CORS ('*' for any); CORS is off if empty.",
@@ -163,7 +175,7 @@ class Settings(BaseSettings):
             raise ValueError("devices must be at least 1, or 'all'")
         return value
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "job_input_dirs", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str):
