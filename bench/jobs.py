@@ -24,15 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import solvers  # noqa: E402
+from bench.soak import rss_bytes  # noqa: E402
 from tests.service.helpers import free_port, npy_bytes  # noqa: E402
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def run_job(client: httpx.Client, path: Path, pid: int, k: int) -> tuple[float, int]:
