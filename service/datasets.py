@@ -261,25 +261,32 @@ class CodesWriter:
             size = int(np.prod(full, dtype=np.int64)) * dtype.itemsize
             header[name] = {"dtype": WRITTEN[dtype], "shape": list(full),
                             "data_offsets": [offset, offset + size]}  # fmt: skip
-            layout.append((name, width, -1 if name == "indices" else 0))
+            layout.append((name, width))
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         partial = path.with_name(path.name + ".partial")
         with open(partial, "wb") as file:
             file.write(struct.pack("<Q", len(encoded)) + encoded)
-            for name, width, fill in layout:
+            for name, width in layout:
                 for shard in shards:
                     piece = shard.get_tensor(name)
-                    if width is not None and piece.shape[1] < width:
-                        extra = ((0, 0), (0, width - piece.shape[1]))
-                        piece = np.pad(piece, extra, constant_values=fill)
+                    if width is not None:
+                        piece = pad_columns(piece, width, name)
                     file.write(np.ascontiguousarray(piece, piece.dtype.newbyteorder("<")).data)
         os.replace(partial, path)
 
 
+def pad_columns(array: np.ndarray, width: int, name: str) -> np.ndarray:
+    """A sparse array (rows, w) padded to `width` columns: -1 for indices, else 0."""
+    if array.shape[1] == width:
+        return array
+    fill = -1 if name.endswith("indices") else 0
+    return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=fill)
+
+
 WRITTEN = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64",
-           np.dtype(np.int64): "I64"}  # fmt: skip
+           np.dtype(np.int64): "I64", np.dtype(bool): "BOOL"}  # fmt: skip
 """safetensors dtype names of the arrays codes are made of."""
-READ = {"I32": np.int32, "F32": np.float32, "F64": np.float64, "I64": np.int64}
+READ = {"I32": np.int32, "F32": np.float32, "F64": np.float64, "I64": np.int64, "BOOL": bool}
 """The same, as `safe_open` names them."""

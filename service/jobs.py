@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 import solvers
 
-from .datasets import Activations, CodesWriter
+from .datasets import Activations, CodesWriter, pad_columns
 from .errors import Conflict, NotFound
 from .registry import Registry
 
@@ -281,12 +281,11 @@ class Jobs:
                     self._cancels.pop(job.id, None)
 
     def _run(self, job: Job, cancel: threading.Event, stopping: threading.Event) -> None:
-        from .unfolding import PARAMS_ADAPTER, solver_settings, validate
+        from .unfolding import PARAMS_ADAPTER, answer_tensors, checked, solver_settings, validate
 
         entry = self.registry.get(job.dictionary)
-        settings = solver_settings(
-            entry, validate(PARAMS_ADAPTER, {"method": job.method, **job.params})
-        )
+        params = validate(PARAMS_ADAPTER, {"method": job.method, **job.params})
+        settings = solver_settings(entry, params)
         source = Activations(Path(job.input))
         folder = self.folder(job.id)
         header = {"dictionary": job.dictionary, "method": job.method, "params": job.params,
@@ -302,8 +301,9 @@ class Jobs:
             for first in range(start, stop, BATCH_ROWS):
                 self._yield_to_requests(cancel, stopping)
                 rows = source.read(first, min(first + BATCH_ROWS, stop))
-                parts.append(self.batcher.programs.run(entry, settings, rows, cancel))
-            tensors = _tensors(parts)
+                result = self.batcher.programs.run(entry, settings, rows, cancel)
+                parts.append(answer_tensors(checked(entry, rows, result, params)))
+            tensors = _concatenated(parts)
             writer.write(index, start, tensors)
             done += stop - start
             self.store.update(job.id, rows_done=done)
@@ -326,10 +326,16 @@ class Jobs:
             time.sleep(IDLE_WAIT_S)
 
 
-def _tensors(parts: list[solvers.UnfoldResult]) -> dict[str, np.ndarray]:
-    fields = ("indices", "values", "residual_norm", "relative_error", "l0", "n_iter", "status",
-              "duality_gap")  # fmt: skip
-    return {name: np.concatenate([getattr(part, name) for part in parts]) for name in fields}
+def _concatenated(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The batches' arrays, one after another; sparse ones padded to the widest batch."""
+    tensors = {}
+    for name in parts[0]:
+        pieces = [part[name] for part in parts]
+        if pieces[0].ndim == 2:
+            width = max(piece.shape[1] for piece in pieces)
+            pieces = [pad_columns(piece, width, name) for piece in pieces]
+        tensors[name] = np.concatenate(pieces)
+    return tensors
 
 
 def _feature_statistics(shards: list[Path], n_features: int, rows: int) -> dict[str, np.ndarray]:

@@ -385,7 +385,8 @@ SOLVER_FIELDS = ("method", "k", "tol", "alpha", "max_iter", "positive", "max_non
 
 class JobCreate(BaseModel):
     """A job over activations the server can read: a file or a folder of shards under one of
-    UNFOLD_JOB_INPUT_DIRS. Solver parameters as in unfold (`method`, `k`, `alpha`, ...)."""
+    UNFOLD_JOB_INPUT_DIRS. Solver parameters as in unfold (`method`, `k`, `alpha`, ...), and
+    `certify` and `compare_encoder` to add those arrays to the result."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 

@@ -263,12 +263,7 @@ async def solve(
     for, are computed on a worker thread once the codes are in.
     """
     settings = solver_settings(entry, params)
-    if params.compare_encoder and entry.record.encoder is None:
-        raise InvalidInput(
-            f"dictionary {entry.record.name!r} has no encoder to compare with; register a "
-            "SAELens folder with its W_enc and b_enc (standard, jumprelu or topk)",
-            code="no_encoder",
-        )
+    check_encoder(entry, params)
     programs = batcher.programs
     programs.usage.record(entry.record.id, settings, activations.shape[0])
     result = await batcher.submit(
@@ -278,11 +273,27 @@ async def solve(
         label=entry.record.id,
         client=client,
     )
-    certificate = comparison = None
-    if params.certify:
-        certificate = await run_in_threadpool(solvers.certify, result, entry.prepared)
+    if params.certify or params.compare_encoder:
+        return await run_in_threadpool(checked, entry, activations, result, params)
+    return Answer(result)
+
+
+def check_encoder(entry: Entry, params) -> None:
+    """A 422 `no_encoder` when `params` ask to compare with an encoder `entry` lacks."""
+    if params.compare_encoder and entry.record.encoder is None:
+        raise InvalidInput(
+            f"dictionary {entry.record.name!r} has no encoder to compare with; register a "
+            "SAELens folder with its W_enc and b_enc (standard, jumprelu or topk)",
+            code="no_encoder",
+        )
+
+
+def checked(entry: Entry, activations: np.ndarray, result, params) -> Answer:
+    """`result` with the certificate and the encoder comparison `params` ask for."""
+    certificate = solvers.certify(result, entry.prepared) if params.certify else None
+    comparison = None
     if params.compare_encoder:
-        comparison = await run_in_threadpool(encoder.compare, entry.record, activations, result)
+        comparison = encoder.compare(entry.record, activations, result)
     return Answer(result, certificate, comparison)
 
 
@@ -293,18 +304,24 @@ def render(request: Request, entry: Entry, answer: Answer, params) -> Response:
     if NPY in accept:
         return Response(write_npy(result.to_dense().astype(np.float32)), media_type=NPY)
     if SAFETENSORS in accept:
-        tensors = {
-            "indices": result.indices.astype(np.int32),
-            "values": result.values.astype(np.float32),
-            **{name: np.asarray(getattr(result, name)) for name in DIAGNOSTICS},
-            **certificate_arrays(answer.certificate),
-            **{f"encoder_{name}": value for name, value in (answer.encoder or {}).items()},
-        }
-        return Response(write_safetensors(tensors), media_type=SAFETENSORS)
+        return Response(write_safetensors(answer_tensors(answer)), media_type=SAFETENSORS)
     return JSONResponse(response_body(answer, params, entry.record.labels))
 
 
 DIAGNOSTICS = ("residual_norm", "relative_error", "l0", "n_iter", "status", "duality_gap")
+
+
+def answer_tensors(answer: Answer) -> dict[str, np.ndarray]:
+    """Every array of an answer by name (safetensors answers, job results): the codes, the
+    diagnostics, and the certificate's and the encoder's arrays when asked for."""
+    result = answer.result
+    return {
+        "indices": result.indices.astype(np.int32),
+        "values": result.values.astype(np.float32),
+        **{name: np.asarray(getattr(result, name)) for name in DIAGNOSTICS},
+        **certificate_arrays(answer.certificate),
+        **{f"encoder_{name}": value for name, value in (answer.encoder or {}).items()},
+    }
 
 
 def certificate_arrays(certificate: solvers.Certificate | None) -> dict[str, np.ndarray]:

@@ -27,6 +27,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = {404: {"description": "No job with that id"}}
 NOT_DONE = {409: {"description": "The job has not succeeded (yet)"}}
 MAX_TOP = 1000
+JOB_FIELDS = (*SOLVER_FIELDS, "certify", "compare_encoder")
+"""A job's parameters: the solver's, and the per-row checks it adds to its result."""
 
 
 @router.post(
@@ -67,14 +69,15 @@ async def create_job(request: Request, registry: RegistryDep, settings: Settings
         )
     try:
         entry = registry.get(fields.pop("dictionary"))
-        unknown = sorted(set(fields) - set(SOLVER_FIELDS))
+        unknown = sorted(set(fields) - set(JOB_FIELDS))
         if unknown:
             raise InvalidInput(
-                f"unknown job parameter(s) {unknown}; a job takes {list(SOLVER_FIELDS)}",
+                f"unknown job parameter(s) {unknown}; a job takes {list(JOB_FIELDS)}",
                 code="invalid_request",
             )
         params = unfolding.validate(unfolding.PARAMS_ADAPTER, fields)
         unfolding.solver_settings(entry, params)  # refused now (422), not when the job runs
+        unfolding.check_encoder(entry, params)
         source = await run_in_threadpool(Activations, path)
         if source.d_model != entry.record.d_model:
             raise InvalidInput(

@@ -211,3 +211,35 @@ def test_npz_and_safetensors_uploads(tmp_path):
             result = load(client.get(f"/v1/jobs/{created.json()['id']}/result").content)
             expected = solvers.unfold(x, DIRECTIONS, k=2)
             np.testing.assert_array_equal(result["indices"].reshape(40, -1), expected.indices)
+
+
+def test_a_job_adds_certificates_and_the_encoders_codes_when_asked(tmp_path):
+    from tests.service.test_encoder import activations as sae_activations
+    from tests.service.test_encoder import make_sae, register
+
+    tensors = make_sae(tmp_path / "sae")
+    x = sae_activations(tensors, n=1500)
+    with running_client(tmp_path / "data", job_shard_rows=600) as client:
+        assert register(client, tmp_path / "sae").status_code == 201
+        created = upload(client, x, dictionary="sae", k=3, certify="true", compare_encoder="true")
+        assert created.status_code == 202, created.text
+        assert finished(client, created.json()["id"])["state"] == "succeeded"
+        result = load(client.get(f"/v1/jobs/{created.json()['id']}/result").content)
+        answer = load(
+            client.post(
+                "/v1/dictionaries/sae/unfold?k=3&certify=true&compare_encoder=true",
+                content=npy_bytes(x[:1000]),
+                headers={"content-type": "application/x-npy",
+                         "accept": "application/vnd.safetensors"},
+            ).content
+        )  # fmt: skip
+        refused = upload(client, x, compare_encoder="true")  # the demo has no encoder
+        assert refused.json()["error"]["code"] == "no_encoder"
+    assert result["certified"].shape == (1500,) and result["certified"].dtype == bool
+    for name in ("certified", "erc", "support_stability", "encoder_l0", "encoder_support_overlap"):
+        np.testing.assert_allclose(result[name][:1000], answer[name], rtol=1e-5, atol=1e-6)
+    width = answer["encoder_indices"].shape[1]
+    assert result["encoder_indices"].shape[0] == 1500
+    np.testing.assert_array_equal(
+        result["encoder_indices"][:1000, :width], answer["encoder_indices"]
+    )
