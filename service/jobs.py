@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 import solvers
 
-from .datasets import Activations, CodesWriter, pad_columns
+from .datasets import MANIFEST, Activations, CodesWriter, pad_columns
 from .errors import Conflict, NotFound
 from .registry import Registry
 
@@ -249,6 +249,11 @@ class Jobs:
                 code="job_not_done",
             )
         return self.folder(job_id) / name
+
+    def manifest(self, job_id: str) -> dict:
+        """The manifest of a succeeded job's shards (`datasets.CodesWriter`)."""
+        path = self.result_path(job_id, "codes") / MANIFEST
+        return json.loads(path.read_text())
 
     def close(self) -> None:
         with self._lock:

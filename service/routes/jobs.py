@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import unfolding
 from ..datasets import SUFFIXES, Activations
 from ..dependencies import RegistryDep, SettingsDep
-from ..errors import Forbidden, InvalidInput
+from ..errors import Forbidden, InvalidInput, NotFound
 from ..formats import SAFETENSORS
 from ..responses import JSONResponse
 from ..schemas import SOLVER_FIELDS, JobCreate, JobFeatures, JobInfo, JobList, openapi_body
@@ -197,6 +197,36 @@ async def delete_job(job_id: str, request: Request) -> Response:
 async def get_result(job_id: str, request: Request) -> Response:
     path = request.app.state.jobs.result_path(job_id, "result.safetensors")
     return FileResponse(path, media_type=SAFETENSORS, filename=f"{job_id}.safetensors")
+
+
+@router.get(
+    "/{job_id}/shards",
+    summary="The result's shards (for large results): rows and where to get each",
+    responses={**NOT_FOUND, **NOT_DONE},
+)
+async def list_shards(job_id: str, request: Request) -> Response:
+    manifest = await run_in_threadpool(request.app.state.jobs.manifest, job_id)
+    shards = [
+        {"index": int(index), "start": shard["start"], "rows": shard["rows"],
+         "url": f"/v1/jobs/{job_id}/shards/{index}"}
+        for index, shard in sorted(manifest["shards"].items(), key=lambda item: int(item[0]))
+    ]  # fmt: skip
+    return JSONResponse({"shards": shards})
+
+
+@router.get(
+    "/{job_id}/shards/{index}",
+    summary="One shard of the result: its rows' codes and diagnostics (safetensors)",
+    response_class=FileResponse,
+    responses={**NOT_FOUND, **NOT_DONE, 200: {"content": {SAFETENSORS: {}}}},
+)
+async def get_shard(job_id: str, index: int, request: Request) -> Response:
+    manifest = await run_in_threadpool(request.app.state.jobs.manifest, job_id)
+    shard = manifest["shards"].get(str(index))
+    if shard is None:
+        raise NotFound(f"job {job_id} has shards 0 to {len(manifest['shards']) - 1}, not {index}")
+    path = request.app.state.jobs.folder(job_id) / "codes" / shard["file"]
+    return FileResponse(path, media_type=SAFETENSORS, filename=f"{job_id}-{shard['file']}")
 
 
 @router.get(

@@ -67,6 +67,13 @@ def test_a_20000_row_job_over_http_matches_solvers_unfold(tmp_path):
         top = features["top"]
         assert [f["count"] for f in top] == sorted(counts, reverse=True)[:5]
         assert top[0]["label"] and top[0]["frequency"] == pytest.approx(top[0]["count"] / 20_000)
+        shards = client.get(f"/v1/jobs/{job['id']}/shards").json()["shards"]
+        assert [(s["start"], s["rows"]) for s in shards] == [
+            (start, min(3000, 20_000 - start)) for start in range(0, 20_000, 3000)
+        ]
+        pieces = [load(client.get(s["url"]).content)["indices"] for s in shards]
+        np.testing.assert_array_equal(np.concatenate(pieces), expected.indices)
+        assert client.get(f"/v1/jobs/{job['id']}/shards/99").status_code == 404
         every = load(
             client.get(
                 f"/v1/jobs/{job['id']}/features",
