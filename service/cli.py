@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .schemas import PARAMS
 
-METHODS = ("omp", "ista", "fista", "lasso")
+METHODS = tuple(PARAMS)
 DEFAULT_BATCH_SIZE = 1024  # rows per solve (and progress step) of `unfold run`
 DEFAULT_SHARD_ROWS = 16384  # rows per output shard of `unfold run` (what a resume may redo)
 

@@ -275,6 +275,19 @@ def _method_of(value: Any) -> str:
 
 
 PARAMS = {"omp": OMPParams, "ista": ISTAParams, "fista": FISTAParams, "lasso": LassoParams}
+"""The service's method table: each method's parameters (the solvers' `METHODS` has the same
+names). Query parameters, job parameters and the CLI's choices come from it."""
+OUTPUT_FIELDS = tuple(UnfoldOptions.model_fields)
+"""What to return, shared by every method (not the solver's business)."""
+SOLVER_FIELDS = tuple(
+    dict.fromkeys(
+        name
+        for model in PARAMS.values()
+        for name in model.model_fields
+        if name not in OUTPUT_FIELDS
+    )
+)
+"""Every method's solver parameters, `method` included."""
 
 
 class Activations(BaseModel):
@@ -379,9 +392,6 @@ def openapi_body(schema, binary: dict[str, str]) -> dict:
 
 # Jobs.
 
-SOLVER_FIELDS = ("method", "k", "tol", "alpha", "max_iter", "positive", "max_nonzero")
-"""The fields of a job's solver parameters (unfold's, without its output options)."""
-
 
 class JobCreate(BaseModel):
     """A job over activations the server can read: a file or a folder of shards under one of
@@ -392,7 +402,7 @@ class JobCreate(BaseModel):
 
     input: str = Field(description="Absolute path of a .npy/.safetensors/.npz file or folder.")
     dictionary: str = Field(description="Id or name of a registered dictionary.")
-    method: Literal["omp", "ista", "fista", "lasso"] = "omp"
+    method: Literal[*PARAMS] = "omp"
 
 
 class JobInfo(BaseModel):

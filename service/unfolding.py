@@ -32,23 +32,10 @@ from .parsing import off_loop, parse_json
 from .programs import Programs
 from .registry import Entry
 from .responses import JSONResponse
-from .schemas import UnfoldParams
+from .schemas import OUTPUT_FIELDS, SOLVER_FIELDS, UnfoldParams
 
 PARAMS_ADAPTER = TypeAdapter(UnfoldParams)
-QUERY_PARAMS = (
-    "method",
-    "k",
-    "tol",
-    "alpha",
-    "max_iter",
-    "positive",
-    "max_nonzero",
-    "output",
-    "top",
-    "certify",
-    "compare_encoder",
-)
-OUTPUT_FIELDS = {"output", "top", "certify", "compare_encoder"}
+QUERY_PARAMS = (*SOLVER_FIELDS, *OUTPUT_FIELDS)
 
 
 def validate(schema, data: Any):
@@ -190,7 +177,7 @@ def activations_array(values, d_model: int) -> np.ndarray:
 
 def solver_params(params) -> tuple[str, dict]:
     """(method, keyword arguments for `solvers.unfold`) from validated params."""
-    fields = params.model_dump(exclude_none=True, exclude=OUTPUT_FIELDS | {"activations"})
+    fields = params.model_dump(exclude_none=True, exclude={*OUTPUT_FIELDS, "activations"})
     return fields.pop("method"), fields
 
 
@@ -237,7 +224,7 @@ def solver_settings(entry: Entry, params):
     return cached
 
 
-NOT_SOLVER_FIELDS = OUTPUT_FIELDS | {"activations", "method"}
+NOT_SOLVER_FIELDS = {*OUTPUT_FIELDS, "activations", "method"}
 _SOLVER_FIELDS: dict[type, tuple[str, ...]] = {}
 
 

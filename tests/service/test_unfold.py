@@ -185,3 +185,17 @@ def test_max_nonzero_bounds_the_lasso_answer_and_status_5_says_when_it_binds(cli
     assert too_many.status_code == 422
     assert too_many.json()["error"]["code"] == "invalid_parameter"
     assert "max_nonzero" in too_many.json()["error"]["message"]
+
+
+def test_one_method_table_names_every_method_everywhere():
+    """The service's method table (`schemas.PARAMS`) is the solvers' (`solvers.METHODS`), and
+    the query parameters, job parameters and CLI choices come from it."""
+    import solvers
+    from service import cli, schemas, unfolding
+    from service.routes import jobs
+
+    assert set(schemas.PARAMS) == set(solvers.METHODS)
+    assert tuple(schemas.PARAMS) == cli.METHODS
+    fields = {name for model in schemas.PARAMS.values() for name in model.model_fields}
+    assert set(unfolding.QUERY_PARAMS) == fields
+    assert set(jobs.JOB_FIELDS) == fields - {"output", "top"}
