@@ -178,6 +178,7 @@ def test_a_running_job_is_cancelled_at_once(tmp_path):
         assert client.get(f"/v1/jobs/{job_id}/result").json()["error"]["code"] == "job_not_done"
 
 
+@pytest.mark.slow
 def test_a_job_survives_sigkill_and_ends_with_an_uninterrupted_runs_results(tmp_path):
     x = rows(30_000, seed=2)
     env = {"UNFOLD_JOB_SHARD_ROWS": "1500", "UNFOLD_LOG_LEVEL": "info"}

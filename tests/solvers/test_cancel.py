@@ -32,6 +32,7 @@ LONG = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(LONG))
 def test_a_running_call_stops_within_a_second_of_its_cancel(problem, method):
     dictionary, x = problem
@@ -48,6 +49,7 @@ def test_a_running_call_stops_within_a_second_of_its_cancel(problem, method):
     assert not _driver._FLAGS  # the token is released
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gram", [False, True])
 def test_omp_with_a_large_k_stops_mid_call_and_a_small_k_asks_nothing(problem, gram):
     dictionary, x = problem
