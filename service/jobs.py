@@ -181,11 +181,13 @@ class Jobs:
         self.registry, self.batcher, self.max_jobs = registry, batcher, max_jobs
         self.shard_rows = shard_rows
         self._wakeup = threading.Event()
+        self._closed = threading.Event()
         self._cancels: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
     def start(self, background) -> None:
         """Resume the jobs a stopped process left running, and start the workers."""
+        self._closed.clear()
         resumed = self.store.requeue_running()
         if resumed:
             log.info("resuming %d job(s) left running", resumed)
@@ -256,15 +258,17 @@ class Jobs:
         return json.loads(path.read_text())
 
     def close(self) -> None:
+        """Stop the workers now (running jobs stop too; they resume at the next start)."""
+        self._closed.set()
         with self._lock:
             for event in self._cancels.values():
-                event.set()  # running jobs stop; they resume at the next start
+                event.set()
         self._wakeup.set()
 
     def _work(self, stopping: threading.Event) -> None:
-        while not stopping.is_set() and not self.registry.ready.wait(0.5):
+        while not self._closed.is_set() and not self.registry.ready.wait(0.1):
             pass  # the stored dictionaries first
-        while not stopping.is_set():
+        while not (stopping.is_set() or self._closed.is_set()):
             job = self.store.claim()
             if job is None:
                 self._wakeup.wait(1.0)
