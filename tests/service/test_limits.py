@@ -19,6 +19,24 @@ from tests.service.conftest import running_client
 QUIET = {"demo": False, "warmup": False, "compilation_cache": False, "reports": False}
 
 
+def test_job_uploads_have_their_own_limit(tmp_path):
+    from tests.service.helpers import npy_bytes
+
+    small = npy_bytes(np.zeros((40, 16), np.float32))  # 2.7 kB: over the body limit only
+    large = npy_bytes(np.zeros((100, 16), np.float32))
+    overrides = {"max_body_bytes": 1000, "max_job_input_bytes": 5000}
+    with running_client(tmp_path, **overrides) as client:
+        accepted = client.post(
+            "/v1/jobs", files={"file": ("a.npy", small)}, data={"dictionary": "demo"}
+        )
+        assert accepted.status_code == 202, accepted.text
+        refused = client.post(
+            "/v1/jobs", files={"file": ("a.npy", large)}, data={"dictionary": "demo"}
+        )
+        assert refused.status_code == 413
+        assert "UNFOLD_MAX_JOB_INPUT_BYTES" in refused.json()["error"]["message"]
+
+
 def test_body_over_the_limit_by_content_length_is_413(tmp_path):
     with running_client(tmp_path, max_body_bytes=1000) as client:
         body = {"name": "big", "directions": [[1.0] * 20] * 20}
@@ -79,9 +97,8 @@ def test_streamed_body_is_cut_off_as_soon_as_it_passes_the_limit():
             sent.append(message)
 
         scope = {"type": "http", "method": "POST", "path": "/", "headers": list(headers)}
-        await BodyLimitMiddleware(app, max_body_bytes=250, max_dictionary_bytes=250)(
-            scope, receive, send
-        )
+        limits = {"max_body_bytes": 250, "max_dictionary_bytes": 250, "max_job_input_bytes": 250}
+        await BodyLimitMiddleware(app, **limits)(scope, receive, send)
         return sent
 
     delivered.clear()
