@@ -28,6 +28,11 @@ def test_batching_changes_no_support_and_values_at_most_by_rounding(method, para
         row[rng.choice(512, 6, replace=False)] = rng.uniform(0.5, 2, 6)
     x = codes @ directions + 0.01 * rng.standard_normal((24, 64)).astype(np.float32)
     prepared = solvers.prepare(directions)
+
+    def objective(codes: np.ndarray) -> np.ndarray:
+        residual = x - codes @ directions
+        return 0.5 * (residual**2).sum(axis=1) + params["alpha"] * np.abs(codes).sum(axis=1)
+
     whole = solvers.unfold(x, prepared, method, **params).to_dense()
     parts = [
         np.concatenate(
@@ -39,6 +44,11 @@ def test_batching_changes_no_support_and_values_at_most_by_rounding(method, para
         for n in (1, 5)
     ]
     for part in parts:
+        if method == "fista":
+            # A row may stop one gap check apart (README: Reproducibility): the objectives
+            # agree, the codes to what the tolerance allows.
+            np.testing.assert_allclose(objective(part), objective(whole), rtol=1e-3)
+            continue
         np.testing.assert_array_equal(part != 0, whole != 0)
         # OMP: a few float32 ulps at most (no difference at all at 8192 x 512, k=32).
         tolerance = 1e-6 if method == "omp" else 1e-5

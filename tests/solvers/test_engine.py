@@ -183,8 +183,24 @@ def test_an_accelerator_plan_gives_the_cpu_plans_answers(method, params, monkeyp
             solvers.plan_for(settings, prepared, backend="gpu"), block_rows=64, chunk_rows=64
         )
         accelerator = solvers.unfold(x, prepared, settings, plan=plan)
+        if method in ("ista", "fista"):
+            # Other call shapes round otherwise, and a row may then stop one gap check apart
+            # (README: Reproducibility): the objectives agree, not the codes to rounding.
+            np.testing.assert_allclose(
+                lasso_objective(accelerator, dictionary, x, params["alpha"]),
+                lasso_objective(cpu, dictionary, x, params["alpha"]),
+                rtol=1e-3,
+            )
+            continue
         np.testing.assert_array_equal(accelerator.indices, cpu.indices)
         np.testing.assert_allclose(accelerator.values, cpu.values, rtol=1e-4, atol=1e-5)
+
+
+def lasso_objective(result, dictionary, x, alpha: float) -> np.ndarray:
+    """0.5 ||x - codes D||^2 + alpha ||codes||_1 per row."""
+    codes = result.to_dense()
+    residual = x - codes @ dictionary
+    return 0.5 * (residual**2).sum(axis=1) + alpha * np.abs(codes).sum(axis=1)
 
 
 def test_a_plan_and_its_overrides_are_not_both_given():
