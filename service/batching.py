@@ -32,7 +32,7 @@ Guarantees:
   their share. With running solves cancelled at their deadline, the others wait at most one
   solve for a thread, however much one dictionary or client sends.
 - With `enabled=False` every request is solved on its own, still on a worker thread, with the
-  same limits.
+  same limits (the threads taken first come first served: no turns, no shares).
 
 How the unfold route uses it (validate first, then submit; the closure solves any rows)::
 
@@ -271,8 +271,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         if not self.enabled:
             cancel = threading.Event()
-            owners = _owners(label, {client})
-            future = asyncio.ensure_future(self._run_alone(owners, solve, rows, cancel))
+            future = loop.run_in_executor(self._executor, self._call, solve, rows, cancel)
             future.add_done_callback(lambda _: self._release(key, queue, n, client))
             request = None
         else:
@@ -483,15 +482,6 @@ class Batcher:
             request.future.set_exception(error)
         else:
             request.future.set_result(result)
-
-    async def _run_alone(self, owners: tuple, solve: Callable, rows: np.ndarray, cancel) -> R:
-        """An unbatched request's solve, on a solver thread when its owners' share allows."""
-        async with self._slots.held(owners):
-            if cancel.is_set():  # its caller stopped waiting before a thread was free
-                raise solvers.Cancelled("the solve was cancelled")
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._call, solve, rows, cancel
-            )
 
     def _call(self, solve: Callable, rows: np.ndarray, cancel: threading.Event) -> R:
         """One solver call, on a worker thread, recorded in the metrics."""
