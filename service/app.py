@@ -157,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.batcher,
         settings.max_jobs,
         settings.job_shard_rows,
+        settings.ray_address,
     )
     app.state.reports = Reports(
         app.state.registry.store.root,

@@ -34,22 +34,17 @@ Guarantees:
 - With `enabled=False` every request is solved on its own, still on a worker thread, with the
   same limits (the threads taken first come first served: no turns, no shares).
 
-How the unfold route uses it (validate first, then submit; the closure solves any rows)::
+How requests use it (`unfolding.solve`: validate first, then submit; the closure solves any
+rows)::
 
-    @router.post("/{ref}/unfold")
-    async def unfold(ref: str, body: UnfoldRequest, registry: RegistryDep,
-                     settings: SettingsDep, batcher: BatcherDep):
-        entry = registry.get(ref)
-        activations, single = unfolding.activations_array(body.activations, entry.record.d_model)
-        ...  # row limit
-        # bad parameters are refused here (422), before they can join a batch
-        settings = unfolding.solver_settings(entry, body)
-        result = await batcher.submit(
-            (entry.record.id, settings),
-            activations,
-            lambda rows, cancel: unfolding.run(entry, rows, settings, batcher.programs, cancel),
-        )
-        # `result` is an UnfoldResult for exactly this request's rows.
+    settings = unfolding.solver_settings(entry, params)  # a bad parameter: 422, never batched
+    result = await batcher.submit(
+        (entry.record.id, settings),
+        activations,
+        lambda rows, cancel: batcher.programs.run(entry, settings, rows, cancel),
+        label=entry.record.id,
+        client=client,
+    )  # an UnfoldResult for exactly this request's rows
 
 `solve(rows, cancel)` must accept any number of rows of shape (n, d_model) and a
 `threading.Event` that is set when nobody waits for the answer any more (stopping early is

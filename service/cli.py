@@ -105,9 +105,9 @@ class Remote:
         return info
 
     def solver(self, ref: str, method: str, params: dict):
-        """(solve(rows) -> result, description of the dictionary)."""
+        """(solve(rows) -> codes as tensors, description of the dictionary)."""
         info = self.client.get(ref)
-        return (lambda rows: self.client.unfold(ref, rows, method, **params)), info
+        return (lambda rows: self.client.unfold(ref, rows, method, **params).tensors()), info
 
     def close(self) -> None:
         self.client.close()
@@ -167,11 +167,9 @@ class Local:
         self.store.delete(record.id)
         return describe_record(record)
 
-    def solver(self, ref: str, method: str, params: dict):
-        import solvers
-
-        from . import unfolding
-
+    def dictionary(self, ref: str):
+        """(directions, bias, description) of a stored dictionary, or of a dictionary file or
+        SAELens folder at path `ref`."""
         path = Path(ref)
         if path.exists():
             arrays = read_dictionary_file(path, None, None)
@@ -181,16 +179,15 @@ class Local:
             record = self.find(ref)
             directions, bias = record.directions, record.bias
             info = describe_record(record)
-        prepared = solvers.prepare(directions, bias)
-        info["n_features"], info["d_model"] = prepared.n_features, prepared.d_model
-        validated = unfolding.validate(unfolding.PARAMS_ADAPTER, {"method": method, **params})
-        method, kwargs = unfolding.solver_params(validated)
-        settings = solvers.make_settings(method, prepared, **kwargs)  # errors before any work
+        info["n_features"], info["d_model"] = directions.shape
+        return directions, bias, info
 
-        def solve(rows: np.ndarray):
-            return solvers.unfold(rows, prepared, method=settings)
+    def solver(self, ref: str, method: str, params: dict):
+        """(solve(rows) -> codes as tensors, description of the dictionary)."""
+        from .unfolding import RowSolver
 
-        return solve, info
+        directions, bias, info = self.dictionary(ref)
+        return RowSolver(directions, bias, method, params), info
 
     def close(self) -> None:
         pass
@@ -344,18 +341,22 @@ def solver_params(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .client import UnfoldResult
-    from .datasets import Activations, CodesWriter
+    from .datasets import Activations, CodesWriter, unfold_shards
 
-    for name in ("batch_size", "shard_rows"):
+    for name in ("batch_size", "shard_rows", "ray_actors"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ray and args.url:
+        raise CLIError("--ray solves on the cluster's workers, --url on a server: pick one")
     source = Activations(Path(args.input), args.input_tensor)
     params = solver_params(args)
     step = args.batch_size or DEFAULT_BATCH_SIZE
     shard_rows = args.shard_rows or DEFAULT_SHARD_ROWS
     with contextlib.closing(backend(args, args.batch_size)) as where:
-        solve, info = where.solver(args.dictionary, args.method, params)
+        if args.ray:
+            directions, bias, info = where.dictionary(args.dictionary)
+        else:
+            solve, info = where.solver(args.dictionary, args.method, params)
         if info["d_model"] != source.d_model:
             raise CLIError(
                 f"{args.input} has d_model={source.d_model}; dictionary {info['name']} needs "
@@ -371,8 +372,9 @@ def run(args: argparse.Namespace) -> int:
             "batch_size": step,
         }
         writer = CodesWriter(Path(args.output), header, args.resume, args.overwrite)
-        shards = range(0, source.rows, shard_rows)
-        done = sum(shard["rows"] for shard in writer.done.values())
+        pending = writer.pending(source.rows, shard_rows)
+        total_shards = len(pending) + len(writer.done)
+        done = source.rows - sum(shard.stop - shard.start for shard in pending)
         started = time.perf_counter()
         with (
             tqdm(
@@ -385,20 +387,24 @@ def run(args: argparse.Namespace) -> int:
             ) as progress,
             interrupted_by_sigterm(),
         ):
+            if args.ray:
+                from . import cluster
+
+                solved = cluster.unfold_shards(
+                    args.ray, directions, bias, args.method, params, Path(args.input),
+                    args.input_tensor, pending, step, args.ray_actors,
+                )  # fmt: skip
+            else:
+                solved = unfold_shards(source, pending, step, solve, on_rows=progress.update)
             try:
-                for index, start in enumerate(shards):
-                    if index in writer.done:
-                        continue
-                    stop, parts = min(start + shard_rows, source.rows), []
-                    for first in range(start, stop, step):
-                        rows = source.read(first, min(first + step, stop))
-                        parts.append(as_client_result(solve(rows), info["n_features"]))
-                        progress.update(rows.shape[0])
-                    writer.write(index, start, UnfoldResult.concatenate(parts).tensors())
+                for shard, tensors in solved:
+                    writer.write(shard.index, shard.start, tensors)
+                    if args.ray:
+                        progress.update(shard.stop - shard.start)
             except KeyboardInterrupt:
-                left = len(shards) - len(writer.done)
+                left = total_shards - len(writer.done)
                 print(
-                    f"unfold: interrupted with {left} of {len(shards)} shards left; run the "
+                    f"unfold: interrupted with {left} of {total_shards} shards left; run the "
                     "same command with --resume to finish",
                     file=sys.stderr,
                 )
@@ -430,20 +436,6 @@ def interrupted_by_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def as_client_result(result, n_features: int):
-    """A `client.UnfoldResult` from a `solvers.UnfoldResult` (in-process) or itself."""
-    from .client import DIAGNOSTICS, UnfoldResult
-
-    if isinstance(result, UnfoldResult):
-        return result
-    return UnfoldResult(
-        indices=np.asarray(result.indices, np.int32),
-        values=np.asarray(result.values, np.float32),
-        **{name: np.asarray(getattr(result, name)) for name in DIAGNOSTICS},
-        n_features=n_features,
-    )
 
 
 def summary(files: list[Path], solved: int, elapsed: float, output: Path) -> str:
@@ -612,6 +604,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runner.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     runner.add_argument("--quiet", action="store_true", help="no progress bar")
+    runner.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=os.environ.get("UNFOLD_RAY_ADDRESS") or None,
+        help="solve on the Ray cluster at ADDRESS (host:port, ray://host:port, auto; 'local' "
+        "starts one on this machine) with Ray Data, one actor per GPU or per node; every node "
+        "reads INPUT at the same path (UNFOLD_RAY_ADDRESS; needs the ray extra)",
+    )
+    runner.add_argument(
+        "--ray-actors", type=int, help="--ray: actors in the pool (default: one per GPU or node)"
+    )
     runner.set_defaults(handler=run)
     return parser
 
@@ -619,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .client import UnfoldClientError
+    from .cluster import ClusterError
     from .errors import UnfoldError
 
     try:
@@ -626,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unfold: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, UnfoldClientError, OSError, ValueError) as error:
+    except (CLIError, UnfoldClientError, ClusterError, OSError, ValueError) as error:
         message = str(error)
     except UnfoldError as error:  # in-process: the same checks the server makes
         message = error.message

@@ -9,6 +9,8 @@ the number of rows, and an interrupted run resumes from its last finished shard.
   file with a manifest (``manifest.json``) saying which shards are done and what produced them.
   OUTPUT is that folder, or a `.safetensors` file assembled from it at the end (tensor by
   tensor, one shard in memory at a time).
+- `unfold_shards`: the one loop every dataset run shares (`unfold run`, the server's jobs, Ray's
+  actors): a shard's rows read and solved a batch at a time, concatenated in row order.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import os
 import shutil
 import struct
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from safetensors import safe_open
@@ -227,6 +231,10 @@ class CodesWriter:
         self.done[index] = {"file": name, "start": start, "rows": rows}
         self._save_manifest()
 
+    def pending(self, rows: int, shard_rows: int) -> list[Shard]:
+        """The shards of `rows` rows not written yet, in row order."""
+        return [shard for shard in shard_ranges(rows, shard_rows) if shard.index not in self.done]
+
     def _save_manifest(self) -> None:
         manifest = {**self.header, "shards": {str(i): s for i, s in sorted(self.done.items())}}
         partial = self.folder / (MANIFEST + ".partial")
@@ -290,3 +298,68 @@ WRITTEN = {np.dtype(np.int32): "I32", np.dtype(np.float32): "F32", np.dtype(np.f
 """safetensors dtype names of the arrays codes are made of."""
 READ = {"I32": np.int32, "F32": np.float32, "F64": np.float64, "I64": np.int64, "BOOL": bool}
 """The same, as `safe_open` names them."""
+
+
+class Shard(NamedTuple):
+    """Rows [start, stop) of a dataset, written as shard `index`."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def shard_ranges(rows: int, shard_rows: int) -> list[Shard]:
+    return [
+        Shard(index, start, min(start + shard_rows, rows))
+        for index, start in enumerate(range(0, rows, shard_rows))
+    ]
+
+
+Tensors = dict[str, np.ndarray]
+
+
+def solve_shard(
+    source: Activations,
+    shard: Shard,
+    batch_rows: int,
+    solve: Callable[[np.ndarray], Tensors],
+    before_batch: Callable[[], None] | None = None,
+    on_rows: Callable[[int], None] | None = None,
+) -> Tensors:
+    """The codes of `shard`: its rows read and `solve`d `batch_rows` at a time (the same
+    boundaries on every run, so that a resumed or distributed run gives identical answers),
+    concatenated. `before_batch()` runs before each batch, `on_rows(n)` after."""
+    parts = []
+    for first in range(shard.start, shard.stop, batch_rows):
+        if before_batch is not None:
+            before_batch()
+        rows = source.read(first, min(first + batch_rows, shard.stop))
+        parts.append(solve(rows))
+        if on_rows is not None:
+            on_rows(rows.shape[0])
+    return concatenate(parts)
+
+
+def unfold_shards(
+    source: Activations,
+    shards: Iterable[Shard],
+    batch_rows: int,
+    solve: Callable[[np.ndarray], Tensors],
+    before_batch: Callable[[], None] | None = None,
+    on_rows: Callable[[int], None] | None = None,
+) -> Iterator[tuple[Shard, Tensors]]:
+    """Each of `shards` with its codes, solved in this process (`solve_shard`)."""
+    for shard in shards:
+        yield shard, solve_shard(source, shard, batch_rows, solve, before_batch, on_rows)
+
+
+def concatenate(parts: list[Tensors]) -> Tensors:
+    """Batches' arrays one after another; sparse ones (2-D) padded to the widest batch."""
+    tensors = {}
+    for name in parts[0]:
+        pieces = [part[name] for part in parts]
+        if pieces[0].ndim == 2:
+            width = max(piece.shape[1] for piece in pieces)
+            pieces = [pad_columns(piece, width, name) for piece in pieces]
+        tensors[name] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return tensors

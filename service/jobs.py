@@ -12,11 +12,15 @@ over a registered dictionary, a shard at a time, into ``<data_dir>/jobs/<id>/``:
 - A job stopped by a crash or a restart resumes from its last finished shard (the shards are
   written atomically, solved with the same shard and batch boundaries): its results are those
   of an uninterrupted run.
-- Cancelling stops a running job at once (`solvers.unfold`'s cancel event).
+- Cancelling stops a running job at once (`solvers.unfold`'s cancel event); on Ray, once the
+  shards being solved are done.
+- With a Ray address (``UNFOLD_RAY_ADDRESS``) the shards are solved on that cluster
+  (`cluster.unfold_shards`) and written here as they come back: the same files, the same codes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,7 +37,8 @@ from safetensors.numpy import save_file
 
 import solvers
 
-from .datasets import MANIFEST, Activations, CodesWriter, pad_columns
+from . import cluster
+from .datasets import MANIFEST, Activations, CodesWriter, unfold_shards
 from .errors import Conflict, NotFound
 from .registry import Registry
 
@@ -165,6 +170,7 @@ class Jobs:
         batcher: the app's `Batcher` (its programs solve; its queues have priority).
         max_jobs: jobs running at once.
         shard_rows: rows per shard of a job's codes (what a resume redoes at most).
+        ray_address: solve on this Ray cluster instead (`cluster`), where given.
     """
 
     def __init__(
@@ -174,12 +180,14 @@ class Jobs:
         batcher,
         max_jobs: int = 1,
         shard_rows: int = 16384,
+        ray_address: str | None = None,
     ):
         self.root = Path(data_dir) / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(Path(data_dir) / "jobs.sqlite")
         self.registry, self.batcher, self.max_jobs = registry, batcher, max_jobs
         self.shard_rows = shard_rows
+        self.ray_address = ray_address
         self._wakeup = threading.Event()
         self._closed = threading.Event()
         self._cancels: dict[str, threading.Event] = {}
@@ -301,21 +309,34 @@ class Jobs:
                   "input": source.fingerprint(), "shard_rows": self.shard_rows,
                   "batch_size": BATCH_ROWS}  # fmt: skip
         writer = CodesWriter(folder / "codes", header, resume=(folder / "codes").exists())
-        done = sum(shard["rows"] for shard in writer.done.values())
+        pending = writer.pending(source.rows, self.shard_rows)
+        done = source.rows - sum(shard.stop - shard.start for shard in pending)
         self.store.update(job.id, started_at=time.time(), rows_done=done, rows_at_start=done)
-        for index, start in enumerate(range(0, source.rows, self.shard_rows)):
-            if index in writer.done:
-                continue
-            stop, parts = min(start + self.shard_rows, source.rows), []
-            for first in range(start, stop, BATCH_ROWS):
-                self._yield_to_requests(cancel, stopping)
-                rows = source.read(first, min(first + BATCH_ROWS, stop))
+        if self.ray_address:
+            record = entry.record
+            solved = cluster.unfold_shards(
+                self.ray_address, record.directions, record.bias, job.method, job.params,
+                Path(job.input), None, pending, BATCH_ROWS,
+            )  # fmt: skip
+        else:
+
+            def solve(rows: np.ndarray) -> dict[str, np.ndarray]:
                 result = self.batcher.programs.run(entry, settings, rows, cancel)
-                parts.append(answer_tensors(checked(entry, rows, result, params)))
-            tensors = _concatenated(parts)
-            writer.write(index, start, tensors)
-            done += stop - start
-            self.store.update(job.id, rows_done=done)
+                return answer_tensors(checked(entry.prepared, entry.record, rows, result, params))
+
+            solved = unfold_shards(
+                source,
+                pending,
+                BATCH_ROWS,
+                solve,
+                lambda: self._yield_to_requests(cancel, stopping),
+            )
+        with contextlib.closing(solved):
+            for shard, tensors in solved:
+                writer.write(shard.index, shard.start, tensors)
+                done += shard.stop - shard.start
+                self.store.update(job.id, rows_done=done)
+                self._check(cancel, stopping)
         metadata = {"dictionary": job.dictionary, "method": job.method,
                     "params": json.dumps(job.params)}  # fmt: skip
         writer.assemble(folder / "result.safetensors", source.shape, metadata)
@@ -323,28 +344,21 @@ class Jobs:
                   folder / "features.safetensors")  # fmt: skip
         self.store.update(job.id, state="succeeded", finished_at=time.time())
 
+    @staticmethod
+    def _check(cancel: threading.Event, stopping: threading.Event) -> None:
+        """Stop (`solvers.Cancelled`) if the job is cancelled or the server stopping."""
+        if stopping.is_set():
+            cancel.set()
+        if cancel.is_set():
+            raise solvers.Cancelled("the job was cancelled")
+
     def _yield_to_requests(self, cancel: threading.Event, stopping: threading.Event) -> None:
         """Wait while interactive requests are outstanding; stop if cancelled or stopping."""
         while True:
-            if stopping.is_set():
-                cancel.set()
-            if cancel.is_set():
-                raise solvers.Cancelled("the job was cancelled")
+            self._check(cancel, stopping)
             if not self.batcher.busy():
                 return
             time.sleep(IDLE_WAIT_S)
-
-
-def _concatenated(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The batches' arrays, one after another; sparse ones padded to the widest batch."""
-    tensors = {}
-    for name in parts[0]:
-        pieces = [part[name] for part in parts]
-        if pieces[0].ndim == 2:
-            width = max(piece.shape[1] for piece in pieces)
-            pieces = [pad_columns(piece, width, name) for piece in pieces]
-        tensors[name] = np.concatenate(pieces)
-    return tensors
 
 
 def _feature_statistics(shards: list[Path], n_features: int, rows: int) -> dict[str, np.ndarray]:

@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     job_shard_rows: int = Field(
         16384, ge=1, description="Rows per shard of a job's codes (what a resume redoes)."
     )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster that solves jobs (host:port, ray://host:port, auto, or 'local' "
+        "for one started on this machine; needs the ray extra); none: jobs run in-process.",
+    )
     max_job_input_bytes: int = Field(
         64 * 1024**3, ge=0, description="Largest job input upload (streamed to disk)."
     )

@@ -1,11 +1,16 @@
-"""Unfold requests in and out: parse JSON or `.npy` bodies, call the solvers, render answers.
+"""The one unfold pipeline: parameters validated against one table (`schemas.PARAMS`), solver
+settings, solving, certificates and the encoder comparison, answers rendered.
 
-Routes stay thin: they call `parse_request`, `solve` and `render` from here.
+- Requests: each entry point parses its own format (`parse_request` here for v1 JSON and
+  `.npy` bodies, `oip` for the Open Inference Protocol), then calls `unfold`, which holds the
+  memory, solves through the batcher (`solve`) and renders (`render`, `oip`'s encoder).
+- Datasets (`unfold run`, jobs, Ray): `datasets.unfold_shards` solves each batch of rows with
+  `RowSolver` in-process, or through the server's `Programs` in a job, into `answer_tensors`.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -16,7 +21,8 @@ from pydantic import TypeAdapter, ValidationError
 
 import solvers
 
-from . import encoder
+from . import encoder, memory
+from .auth import client_of
 from .batching import Batcher
 from .errors import InvalidInput, describe_validation_errors
 from .formats import (
@@ -29,7 +35,6 @@ from .formats import (
     write_safetensors,
 )
 from .parsing import off_loop, parse_json
-from .programs import Programs
 from .registry import Entry
 from .responses import JSONResponse
 from .schemas import OUTPUT_FIELDS, SOLVER_FIELDS, UnfoldParams
@@ -181,19 +186,6 @@ def solver_params(params) -> tuple[str, dict]:
     return fields.pop("method"), fields
 
 
-def run(
-    entry: Entry,
-    activations: np.ndarray,
-    settings,
-    programs: Programs,
-    cancel: threading.Event | None = None,
-) -> solvers.UnfoldResult:
-    """Solve with `settings` from `solver_settings`, once `programs` has compiled what these
-    rows need (`Programs.run`: compiling is timed apart and leaves deadlines alone); setting
-    `cancel` stops the solve (`solvers.Cancelled`)."""
-    return programs.run(entry, settings, activations, cancel)
-
-
 SETTINGS_CACHE_SIZE = 256
 """Most solver settings remembered per dictionary (`solver_settings`); then it starts over."""
 
@@ -213,15 +205,35 @@ def solver_settings(entry: Entry, params):
     cache = entry.settings_cache
     cached = cache.get(key)
     if cached is None:
-        method, kwargs = solver_params(params)
-        try:
-            settings = solvers.make_settings(method, entry.prepared, **kwargs)
-        except ValueError as error:
-            raise InvalidInput(str(error), code="invalid_parameter") from None
+        settings = make_settings(entry.prepared, params)
         if len(cache) >= SETTINGS_CACHE_SIZE:
             cache.clear()
         cached = cache[key] = settings
     return cached
+
+
+def make_settings(prepared: solvers.PreparedDictionary, params):
+    """`solvers.make_settings` for validated `params`; a value the solver refuses is a 422."""
+    method, kwargs = solver_params(params)
+    try:
+        return solvers.make_settings(method, prepared, **kwargs)
+    except ValueError as error:
+        raise InvalidInput(str(error), code="invalid_parameter") from None
+
+
+class Shape(NamedTuple):
+    """What settings are checked against: a dictionary's shape, without preparing it."""
+
+    n_features: int
+    d_model: int
+
+
+def check_params(n_features: int, d_model: int, method: str, params: dict):
+    """Validated `params` of `method` for a dictionary of this shape (422s as a request's),
+    without preparing the dictionary: what a Ray driver checks before its actors prepare it."""
+    validated = validate(PARAMS_ADAPTER, {"method": method, **params})
+    make_settings(Shape(n_features, d_model), validated)
+    return validated
 
 
 NOT_SOLVER_FIELDS = {*OUTPUT_FIELDS, "activations", "method"}
@@ -235,6 +247,33 @@ class Answer(NamedTuple):
     result: solvers.UnfoldResult
     certificate: solvers.Certificate | None = None
     encoder: dict[str, Any] | None = None
+
+
+async def unfold(
+    request: Request,
+    entry: Entry,
+    activations: np.ndarray,
+    params,
+    render: Callable[[Answer], Response],
+    dense: bool,
+    advice: str,
+) -> Response:
+    """The response of an unfold request, whatever its format (v1 JSON or `.npy`, OIP), once
+    parsed and validated: the memory its rows and answer need is held (`dense`: a dense answer
+    is asked for; `advice`: how to ask for less), the rows solved (`solve`), and the answer
+    `render`ed within that hold."""
+    state = request.app.state
+    nbytes = memory.request_bytes(
+        activations.shape[0],
+        entry.record.d_model,
+        entry.record.n_features,
+        dense_limit=state.settings.max_dense_answer_bytes,
+        dense=dense,
+        advice=advice,
+    )
+    with state.registry.budget.hold_request(nbytes, state.settings.retry_after_s):
+        answer = await solve(entry, activations, params, state.batcher, client_of(request))
+        return render(answer)
 
 
 async def solve(
@@ -256,12 +295,14 @@ async def solve(
     result = await batcher.submit(
         (entry.record.id, settings),
         activations,
-        lambda rows, cancel: run(entry, rows, settings, programs, cancel),
+        lambda rows, cancel: programs.run(entry, settings, rows, cancel),
         label=entry.record.id,
         client=client,
     )
     if params.certify or params.compare_encoder:
-        return await run_in_threadpool(checked, entry, activations, result, params)
+        return await run_in_threadpool(
+            checked, entry.prepared, entry.record, activations, result, params
+        )
     return Answer(result)
 
 
@@ -275,13 +316,36 @@ def check_encoder(entry: Entry, params) -> None:
         )
 
 
-def checked(entry: Entry, activations: np.ndarray, result, params) -> Answer:
-    """`result` with the certificate and the encoder comparison `params` ask for."""
-    certificate = solvers.certify(result, entry.prepared) if params.certify else None
+def checked(prepared, record, activations: np.ndarray, result, params) -> Answer:
+    """`result` with the certificate and the encoder comparison (with `record`'s encoder)
+    that `params` ask for."""
+    certificate = solvers.certify(result, prepared) if params.certify else None
     comparison = None
     if params.compare_encoder:
-        comparison = encoder.compare(entry.record, activations, result)
+        comparison = encoder.compare(record, activations, result)
     return Answer(result, certificate, comparison)
+
+
+class RowSolver:
+    """Codes of rows solved in this process from a dictionary's arrays, as `answer_tensors`:
+    what `unfold run` without a server and Ray's actors call (the server's requests and jobs
+    solve through its `Programs`). `params` as a request's (`certify` included; there is no
+    encoder to compare with)."""
+
+    def __init__(self, directions, bias, method: str, params: dict):
+        self.prepared = solvers.prepare(directions, bias)
+        self.params = validate(PARAMS_ADAPTER, {"method": method, **params})
+        if self.params.compare_encoder:
+            raise InvalidInput(
+                "compare_encoder needs a dictionary registered with its encoder; run it "
+                "in-process or through the server's jobs",
+                code="no_encoder",
+            )
+        self.settings = make_settings(self.prepared, self.params)  # errors before any work
+
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        result = solvers.unfold(rows, self.prepared, method=self.settings)
+        return answer_tensors(checked(self.prepared, None, rows, result, self.params))
 
 
 def render(request: Request, entry: Entry, answer: Answer, params) -> Response:

@@ -12,8 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import memory, unfolding
-from ..auth import client_of
+from .. import unfolding
 from ..batching import warmup
 from ..dependencies import RegistryDep, SettingsDep
 from ..errors import InvalidInput
@@ -248,19 +247,15 @@ async def unfold(request: Request, ref: str) -> Response:
     activations, params = await unfolding.parse_request(
         request, entry.record.d_model, state.settings.max_rows
     )
-    nbytes = memory.request_bytes(
-        activations.shape[0],
-        entry.record.d_model,
-        entry.record.n_features,
-        dense_limit=state.settings.max_dense_answer_bytes,
+    return await unfolding.unfold(
+        request,
+        entry,
+        activations,
+        params,
+        lambda answer: unfolding.render(request, entry, answer, params),
         dense=params.output == "dense" or NPY in request.headers.get("accept", ""),
         advice=f"ask for sparse codes (JSON output=sparse, or Accept: {SAFETENSORS})",
     )
-    with state.registry.budget.hold_request(nbytes, state.settings.retry_after_s):
-        answer = await unfolding.solve(
-            entry, activations, params, state.batcher, client_of(request)
-        )
-        return unfolding.render(request, entry, answer, params)
 
 
 router.add_api_route(

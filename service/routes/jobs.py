@@ -78,6 +78,12 @@ async def create_job(request: Request, registry: RegistryDep, settings: Settings
         params = unfolding.validate(unfolding.PARAMS_ADAPTER, fields)
         unfolding.solver_settings(entry, params)  # refused now (422), not when the job runs
         unfolding.check_encoder(entry, params)
+        if jobs.ray_address and params.compare_encoder:
+            raise InvalidInput(
+                "this server solves jobs on Ray, where there is no encoder to compare with; "
+                "ask for compare_encoder in unfold requests",
+                code="no_encoder",
+            )
         source = await run_in_threadpool(Activations, path)
         if source.d_model != entry.record.d_model:
             raise InvalidInput(

@@ -16,9 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import memory, oip, unfolding
-from ..auth import client_of
-from ..dependencies import BatcherDep, RegistryDep, SettingsDep
+from .. import oip, unfolding
+from ..dependencies import RegistryDep, SettingsDep
 from ..errors import (
     MethodNotAllowed,
     NotFound,
@@ -153,7 +152,6 @@ async def infer(
     request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
-    batcher: BatcherDep,
     version: str | None = None,
 ) -> Response:
     entry = registry.get(model)
@@ -171,20 +169,20 @@ async def infer(
         decoded, activations = await parse_json(request, json_bytes, oip.parse_infer_request, *args)
     else:  # a small JSON header, maybe with large binary tensor data
         decoded, activations = await off_loop(len(body), oip.parse_infer_request, *args)
-    nbytes = memory.request_bytes(
-        activations.shape[0],
-        entry.record.d_model,
-        entry.record.n_features,
-        dense_limit=settings.max_dense_answer_bytes,
+    return await unfolding.unfold(
+        request,
+        entry,
+        activations,
+        decoded.params,
+        lambda answer: infer_response(request, entry, decoded, answer),
         dense=any(output.name == "codes" for output in decoded.outputs),
         advice="request the outputs indices and values instead of codes",
     )
-    with registry.budget.hold_request(nbytes, settings.retry_after_s):
-        answer = await unfolding.solve(
-            entry, activations, decoded.params, batcher, client_of(request)
-        )
-        content, header_length = oip.encode_infer_response(entry, decoded, answer)
-        content, encoding = oip.compress(content, request.headers.get("accept-encoding"))
+
+
+def infer_response(request: Request, entry, decoded, answer) -> Response:
+    content, header_length = oip.encode_infer_response(entry, decoded, answer)
+    content, encoding = oip.compress(content, request.headers.get("accept-encoding"))
     headers = {}
     if header_length is not None:
         headers[oip.HEADER_LENGTH] = str(header_length)
