@@ -14,6 +14,7 @@ same Python (``pip install 'unfold[ray]'``).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import threading
@@ -39,16 +40,21 @@ class ClusterError(RuntimeError):
     """Ray is missing, unreachable, or failed a job for a reason other than its input."""
 
 
+def require() -> None:
+    """A `ClusterError` now, rather than at the first job, when Ray is not installed."""
+    if importlib.util.find_spec("ray") is None:
+        raise ClusterError(
+            "Ray is not installed: pip install 'unfold[ray]' (on every node of the cluster)"
+        )
+
+
 def connect(address: str) -> None:
     """Join the Ray cluster at `address` ("host:port", "ray://host:port", "auto", or `LOCAL`),
     once per process."""
     global _connected
-    try:
-        import ray
-    except ImportError:
-        raise ClusterError(
-            "Ray is not installed: pip install 'unfold[ray]' (on every node of the cluster)"
-        ) from None
+    require()
+    import ray
+
     with _connect_lock:
         if _connected is not None:
             if _connected != address:

@@ -188,6 +188,8 @@ class Jobs:
         self.registry, self.batcher, self.max_jobs = registry, batcher, max_jobs
         self.shard_rows = shard_rows
         self.ray_address = ray_address
+        if ray_address:
+            cluster.require()
         self._wakeup = threading.Event()
         self._closed = threading.Event()
         self._cancels: dict[str, threading.Event] = {}

@@ -212,7 +212,7 @@ def solver_settings(entry: Entry, params):
     return cached
 
 
-def make_settings(prepared: solvers.PreparedDictionary, params):
+def make_settings(prepared: solvers.Dictionary | Shape, params):
     """`solvers.make_settings` for validated `params`; a value the solver refuses is a 422."""
     method, kwargs = solver_params(params)
     try:
