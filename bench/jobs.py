@@ -64,7 +64,7 @@ def run_job(client: httpx.Client, path: Path, pid: int, k: int) -> tuple[float, 
             time.sleep(0.2)
             job = client.get(f"/v1/jobs/{job['id']}").json()
         assert job["state"] == "succeeded", job
-        return job["rows_total"] / (job["finished_at"] - job["started_at"]), peak[0]
+        return job["rows_total"] / (job["finished_at"] - job["started_at"]), peak
     finally:
         done.set()
         sampler.join()
