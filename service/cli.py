@@ -105,8 +105,12 @@ class Remote:
         return info
 
     def solver(self, ref: str, method: str, params: dict):
-        """(solve(rows) -> codes as tensors, description of the dictionary)."""
+        """(solve(rows) -> codes as tensors, description of the dictionary); the parameters
+        are checked here against the dictionary's shape, before any row is sent."""
+        from .unfolding import check_params
+
         info = self.client.get(ref)
+        check_params(info["n_features"], info["d_model"], method, params)
         return (lambda rows: self.client.unfold(ref, rows, method, **params).tensors()), info
 
     def close(self) -> None:

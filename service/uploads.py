@@ -52,6 +52,8 @@ async def spooled(request: Request, directory: Path) -> AsyncIterator[Path]:
             file.flush()
         except OSError as error:
             if error.errno == errno.ENOSPC:
+                with contextlib.suppress(OSError):
+                    file.close()  # else closing would flush what is buffered: ENOSPC, a 500
                 raise InsufficientStorage(
                     f"the disk under {directory} filled up while the upload was written; free "
                     "some disk space or send only the decoder (W_dec, b_dec)"

@@ -88,6 +88,10 @@ def test_against_a_server(url, files, capsys, monkeypatch):
     summary = err.strip().splitlines()[-1]
     assert summary.startswith("12 rows (12 solved now in ") and "rows/s" in summary
     assert "mean L0 3.00" in summary and "mean relative error" in summary
+    # Parameters the dictionary cannot take are refused before a row is sent or a file written.
+    refused = folder / "refused"
+    code, _, err = unfold(capsys, "run", "toy", folder / "acts.npy", refused, "--k", "65")
+    assert code == 1 and "at most 64, got 65" in err and not refused.exists(), err
 
     code, out, _ = unfold(capsys, "dict", "rm", "toy")
     assert code == 0 and out.startswith("deleted toy")
@@ -185,8 +189,8 @@ def test_safetensors_input_and_errors(url, files, capsys):
     code, _, err = unfold(
         capsys, "run", "toy2", folder / "acts.npy", output, "--k", "99", "--url", url, "--overwrite"
     )
-    last = err.strip().splitlines()[-1]  # after the progress bar
-    assert code == 1 and last.startswith("unfold: error:") and "invalid_parameter" in last
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last == "unfold: error: k must be at least 1 and at most 64, got 99"
     code, _, err = unfold(capsys, "run", "nope", folder / "acts.npy", output, "--url", url)
     assert code == 1 and "no dictionary" in err
     code, _, err = unfold(capsys, "run", "toy2", folder / "missing.npy", output, "--url", url)

@@ -261,6 +261,32 @@ def test_a_full_disk_is_507_and_nothing_is_corrupted(tmp_path):
             assert_keep_served(client, keep_id)
 
 
+def test_a_disk_filling_while_an_upload_is_spooled_is_507_even_with_bytes_buffered():
+    """The bytes still buffered when the disk fills are dropped, not flushed on close (which
+    would raise ENOSPC again, outside the handler: a 500)."""
+    import asyncio
+
+    from service.errors import InsufficientStorage
+    from service.uploads import spooled
+
+    class Body:  # a request streaming 5000-byte chunks: the file's buffer holds some
+        headers: dict = {}
+
+        async def stream(self):
+            for _ in range(1000):
+                yield b"x" * 5000
+
+    async def upload(directory):
+        async with spooled(Body(), directory):
+            pass
+
+    with small_disk(1) as data_dir:
+        data_dir.mkdir()
+        with pytest.raises(InsufficientStorage, match="filled up"):
+            asyncio.run(upload(data_dir))
+        assert list(data_dir.iterdir()) == []  # the partial file is gone
+
+
 def test_sigterm_answers_the_requests_in_flight_then_exits(tmp_path):
     directions = demo_dictionary()[0]
     with server_process(tmp_path) as (process, client):
