@@ -147,9 +147,11 @@ class Activations:
         self._open: tuple[int, np.ndarray] | None = None  # the part last read
 
     def fingerprint(self) -> list[dict]:
-        """What identifies the input: each file's name, size, shape and tensor."""
+        """What identifies the input: each file's name, size, modification time, shape and
+        tensor (a file rewritten with other rows of the same shape is another input)."""
         return [
-            {"file": p.path.name, "bytes": p.path.stat().st_size, "shape": list(p.shape),
+            {"file": p.path.name, "bytes": p.path.stat().st_size,
+             "modified_ns": p.path.stat().st_mtime_ns, "shape": list(p.shape),
              "tensor": p.tensor}
             for p in self.parts
         ]  # fmt: skip

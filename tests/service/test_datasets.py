@@ -101,6 +101,11 @@ def test_an_interrupted_run_resumes_from_its_last_shard_with_identical_results(
     changed = [*options[:3], "0.1", *options[4:]]
     code, err = run(capsys, "run", path, tmp_path / "acts.npy", resumed, *changed, "--resume")
     assert code == 1 and "params differ" in err
+    other = tmp_path / "other"  # other rows of the same shape, under the same name
+    other.mkdir()
+    np.save(other / "acts.npy", activations(70, seed=9).reshape(7, 10, D_MODEL))
+    code, err = run(capsys, "run", path, other / "acts.npy", resumed, *options, "--resume")
+    assert code == 1 and "input differ" in err
     code, err = run(capsys, "run", path, tmp_path / "acts.npy", resumed, *options, "--resume")
     assert code == 0, err
     assert "70 rows (38 solved now" in err
