@@ -192,6 +192,11 @@ def test_an_accelerator_plan_gives_the_cpu_plans_answers(method, params, monkeyp
                 rtol=1e-3,
             )
             continue
+        if method == "lasso":
+            # Features that enter the path at the same event (to rounding) may be listed in
+            # either order: the codes themselves are compared.
+            np.testing.assert_allclose(accelerator.to_dense(), cpu.to_dense(), rtol=1e-4, atol=1e-5)
+            continue
         np.testing.assert_array_equal(accelerator.indices, cpu.indices)
         np.testing.assert_allclose(accelerator.values, cpu.values, rtol=1e-4, atol=1e-5)
 
