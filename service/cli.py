@@ -378,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
         writer = CodesWriter(Path(args.output), header, args.resume, args.overwrite)
         pending = writer.pending(source.rows, shard_rows)
         total_shards = len(pending) + len(writer.done)
-        done = source.rows - sum(shard.stop - shard.start for shard in pending)
+        done = writer.rows_done
         started = time.perf_counter()
         with (
             tqdm(

@@ -233,6 +233,11 @@ class CodesWriter:
         self.done[index] = {"file": name, "start": start, "rows": rows}
         self._save_manifest()
 
+    @property
+    def rows_done(self) -> int:
+        """Rows in the finished shards."""
+        return sum(shard["rows"] for shard in self.done.values())
+
     def pending(self, rows: int, shard_rows: int) -> list[Shard]:
         """The shards of `rows` rows not written yet, in row order."""
         return [shard for shard in shard_ranges(rows, shard_rows) if shard.index not in self.done]

@@ -312,7 +312,7 @@ class Jobs:
                   "batch_size": BATCH_ROWS}  # fmt: skip
         writer = CodesWriter(folder / "codes", header, resume=(folder / "codes").exists())
         pending = writer.pending(source.rows, self.shard_rows)
-        done = source.rows - sum(shard.stop - shard.start for shard in pending)
+        done = writer.rows_done
         self.store.update(job.id, started_at=time.time(), rows_done=done, rows_at_start=done)
         if self.ray_address:
             record = entry.record
