@@ -16,8 +16,6 @@ import sys
 import numpy as np
 import pytest
 
-from solvers._fista import CHECK_EVERY
-
 DEVICES = 4
 N_FEATURES = 203  # odd: the last feature shard is padded
 D_MODEL = 32
@@ -81,17 +79,17 @@ def test_same_answers_as_one_device_on_the_gram_path(gram_report, method, shard)
 def check_entry(entry: dict, shard: str, method: str) -> None:
     assert entry["shard"] == shard and entry["devices"] == DEVICES
     assert entry["status"] and entry["support"], entry
-    if method in ("ista", "fista"):
-        # Stopped by a duality-gap tolerance checked every CHECK_EVERY steps: a rounding
-        # difference (on a loaded machine, between runs too) can move the gap across the
-        # tolerance, and a row stop one check apart; its values then differ by what the
+    if method in ("ista", "fista", "lasso"):
+        # Stopped by a duality-gap tolerance: a rounding difference (XLA's kernels differ by
+        # CPU and by call shape, and about one run in ten here differs between one device and
+        # four) can move a row's gap across the tolerance at a check. The row then stops
+        # there on one side and, the gap not being monotone, up to hundreds of steps later on
+        # the other (seen: 780 FISTA steps, 121 LASSO steps); its values differ by what the
         # tolerance allows, not by rounding (README: Reproducibility).
-        assert entry["n_iter_apart"] <= CHECK_EVERY, entry
         assert entry["max_difference"] <= 1e-3 * entry["scale"], entry
         return
-    if shard == "rows" or "omp" in method:
-        # The same atoms in the same order, the same stopping.
-        assert entry["indices"] and entry["n_iter"], entry
+    # OMP: the same atoms in the same order, the same stopping.
+    assert entry["indices"] and entry["n_iter"], entry
     if shard == "rows":  # each device runs one device's program on its rows
         assert entry["max_difference"] == 0.0, entry
     else:  # sums across devices round differently
@@ -169,7 +167,6 @@ def check_methods(gram: bool, with_bias: bool) -> dict:
                 "max_difference": float(np.max(np.abs(got.to_dense() - dense))),
                 "scale": float(np.max(np.abs(dense))),
                 "n_iter": bool(np.array_equal(got.n_iter, expected.n_iter)),
-                "n_iter_apart": int(np.max(np.abs(got.n_iter - expected.n_iter))),
                 "status": bool(np.array_equal(got.status, expected.status)),
             }
     features, rows = placed["features"], placed["rows"]
