@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -130,7 +131,9 @@ def main() -> None:
                 headers={"content-type": "application/x-npy"},
             ).raise_for_status()  # fmt: skip
             run_job(client, inputs / f"{sizes[0]}.npy", server.pid, args.k)  # compiles
-            prepared = solvers.prepare(directions)
+            # Ready before the first job: JAX dispatches asynchronously, and a Gram matrix still
+            # being computed here would take cores from the server's job.
+            prepared = jax.block_until_ready(solvers.prepare(directions))
             print(f"dictionary {args.features} x {args.d_model}, OMP k={args.k}")
             for rows in sizes:
                 speed, peak = run_job(client, inputs / f"{rows}.npy", server.pid, args.k)
