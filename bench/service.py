@@ -8,8 +8,7 @@
     python bench/service.py            # full run (a few minutes)
     python bench/service.py --quick    # small smoke run
     python bench/service.py --single-only --single-repeats 5   # (a) alone, more repeats
-    python bench/service.py --n-features 24576 --d-model 768   # GPT-2 small SAE's shape:
-                                                               # the matrix-free path
+    python bench/service.py --n-features 24576 --d-model 768   # GPT-2 small SAE's shape
 
 After each measurement the bench waits until the server has nothing queued or running (requests
 the load generator left behind), so one measurement's backlog does not slow the next.
