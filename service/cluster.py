@@ -7,6 +7,10 @@ so the same answers). The codes come back to the caller shard by shard, in the o
 finish, and the caller writes them (`datasets.CodesWriter`): the output needs no shared
 filesystem, the input does (every node reads it at the same path).
 
+A caller that passes `stop_requested` (the server's jobs: a cancel, a shutdown) is heard within
+a batch: a small flag actor is set when it answers True, and the actors ask it before each
+batch of a shard, so the shard in flight stops there and the pool is shut down.
+
 The pool has one actor per GPU where the cluster has GPUs, else one per node, each holding a
 node's CPUs (XLA uses every core of its process). Every node needs Unfold installed with the
 same Python (``pip install 'unfold[ray]'``).
@@ -18,7 +22,7 @@ import importlib.util
 import logging
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 
 LOCAL = "local"
 """The address that starts a private Ray instance on this machine (on 127.0.0.1)."""
+
+STOP_POLL_S = 0.2
+"""How often the driver asks `stop_requested`."""
 
 _connected: str | None = None
 _connect_lock = threading.Lock()
@@ -85,21 +92,48 @@ def pool(shards: int, actors: int | None = None) -> tuple[int, float, float]:
     return min(actors or len(nodes), shards), max(1.0, cpus), 0.0
 
 
-class _ShardSolver:
-    """A Ray Data actor: solves whole shards, answers each one's codes as safetensors bytes."""
+class _StopFlag:
+    """A Ray actor holding one flag: set by the driver, read by the shard solvers."""
 
-    def __init__(self, directions, bias, method, params, input_path, input_tensor, batch_rows):
+    def __init__(self):
+        self.stopped = False
+
+    def set(self) -> None:
+        self.stopped = True
+
+    def is_set(self) -> bool:
+        return self.stopped
+
+
+class _ShardSolver:
+    """A Ray Data actor: solves whole shards, answers each one's codes as safetensors bytes;
+    with a `stop_flag` (a `_StopFlag` actor), stops a shard before a batch once it is set."""
+
+    def __init__(
+        self, directions, bias, method, params, input_path, input_tensor, batch_rows, stop_flag
+    ):
         from .unfolding import RowSolver
 
         self.solve = RowSolver(directions, bias, method, params)
         self.source = Activations(Path(input_path), input_tensor)
         self.batch_rows = batch_rows
+        self.stop_flag = stop_flag
+
+    def check_stop(self) -> None:
+        import ray
+
+        import solvers
+
+        if ray.get(self.stop_flag.is_set.remote()):
+            raise solvers.Cancelled("stopped by the driver")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         data = []
+        check = None if self.stop_flag is None else self.check_stop
         for index, start, stop in zip(batch["index"], batch["start"], batch["stop"], strict=True):
             shard = Shard(int(index), int(start), int(stop))
-            data.append(save_tensors(solve_shard(self.source, shard, self.batch_rows, self.solve)))
+            codes = solve_shard(self.source, shard, self.batch_rows, self.solve, check)
+            data.append(save_tensors(codes))
         return {"index": batch["index"], "data": np.array(data, dtype=object)}
 
 
@@ -114,12 +148,16 @@ def unfold_shards(
     shards: Iterable[Shard],
     batch_rows: int,
     actors: int | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[Shard, Tensors]]:
     """Each of `shards` of the activations at `input_path` with its codes, solved on the Ray
-    cluster at `address` (see the module docstring); closing the iterator stops the work.
+    cluster at `address` (see the module docstring); closing the iterator stops the work, and
+    so does `stop_requested()` answering True (`solvers.Cancelled`, within a batch).
     `method` and `params` are checked here first (`unfolding.check_params`)."""
     import ray
     import ray.data
+
+    import solvers
 
     from .unfolding import check_params
 
@@ -130,6 +168,7 @@ def unfold_shards(
         return
     size, cpus, gpus = pool(len(shards), actors)
     log.info("unfolding %d shard(s) on Ray at %s: %d actor(s)", len(shards), address, size)
+    flag = None if stop_requested is None else ray.remote(num_cpus=0)(_StopFlag).remote()
     codes = ray.data.from_items([shard._asdict() for shard in shards.values()]).map_batches(
         _ShardSolver,
         fn_constructor_args=(
@@ -140,6 +179,7 @@ def unfold_shards(
             str(Path(input_path).resolve()),
             input_tensor,
             batch_rows,
+            flag,
         ),
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=size),
@@ -147,11 +187,27 @@ def unfold_shards(
         num_gpus=gpus,
         batch_format="numpy",
     )
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(STOP_POLL_S):
+            if stop_requested():
+                flag.set.remote()
+                return
+
+    if flag is not None:
+        threading.Thread(target=watch, name="unfold-ray-stop", daemon=True).start()
     try:
         for row in codes.iter_rows():
             yield shards[int(row["index"])], load_tensors(bytes(row["data"]))
     except ray.exceptions.RayError as error:
+        if stop_requested is not None and stop_requested():
+            raise solvers.Cancelled("stopped while the shards were being solved") from None
         raise _failure(error) from None
+    finally:
+        finished.set()
+        if flag is not None:
+            ray.kill(flag)
 
 
 def _failure(error: Exception) -> ClusterError:

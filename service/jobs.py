@@ -12,8 +12,8 @@ over a registered dictionary, a shard at a time, into ``<data_dir>/jobs/<id>/``:
 - A job stopped by a crash or a restart resumes from its last finished shard (the shards are
   written atomically, solved with the same shard and batch boundaries): its results are those
   of an uninterrupted run.
-- Cancelling stops a running job at once (`solvers.unfold`'s cancel event); on Ray, once the
-  shards being solved are done.
+- Cancelling stops a running job at once (`solvers.unfold`'s cancel event); on Ray, within a
+  batch (`cluster.unfold_shards`' `stop_requested`).
 - With a Ray address (``UNFOLD_RAY_ADDRESS``) the shards are solved on that cluster
   (`cluster.unfold_shards`) and written here as they come back: the same files, the same codes.
 """
@@ -319,6 +319,7 @@ class Jobs:
             solved = cluster.unfold_shards(
                 self.ray_address, record.directions, record.bias, job.method, job.params,
                 Path(job.input), None, pending, BATCH_ROWS,
+                stop_requested=lambda: cancel.is_set() or stopping.is_set(),
             )  # fmt: skip
         else:
 

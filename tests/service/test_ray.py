@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -180,3 +181,37 @@ def test_server_jobs_on_ray_equal_in_process_jobs(address, tmp_path):
     assert set(got) == set(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_a_cancelled_ray_job_stops_within_a_batch(address, tmp_path):
+    # One shard of 600,000 rows of ISTA (about 3,500 rows/s on this machine's two cores, so
+    # minutes on one actor): a cancel that waited for the shard would hold the one job slot
+    # that long. The actors ask before each batch of 1024 rows, so the next job runs at once.
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    np.save(inputs / "long.npy", rows(600_000, seed=7))
+    np.save(inputs / "short.npy", rows(2000, seed=8))
+    ray_env = {"UNFOLD_RAY_ADDRESS": address, "UNFOLD_JOB_SHARD_ROWS": "1000000",
+               "UNFOLD_JOB_INPUT_DIRS": str(inputs),
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+    ista = {"dictionary": "demo", "method": "ista", "alpha": 0.01, "tol": 1e-7, "max_iter": 20000}
+    with server_process(tmp_path / "ray", env=ray_env) as (_, client):
+        long = client.post("/v1/jobs", json={"input": str(inputs / "long.npy"), **ista})
+        assert long.status_code == 202, long.text
+        long_id = long.json()["id"]
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/jobs/{long_id}").json()["state"] != "running":
+            assert time.monotonic() < deadline, "the long job did not start"
+            time.sleep(0.2)
+        time.sleep(5)  # the actors started and solving
+        assert client.get(f"/v1/jobs/{long_id}").json()["rows_done"] == 0
+        cancelled_at = time.monotonic()
+        assert client.delete(f"/v1/jobs/{long_id}").status_code == 200
+        short = client.post("/v1/jobs", json={"input": str(inputs / "short.npy"), **ista})
+        job = finished(client, short.json()["id"], timeout=240)
+        took = time.monotonic() - cancelled_at
+        assert job["state"] == "succeeded" and job["rows_done"] == 2000, job
+        long = client.get(f"/v1/jobs/{long_id}").json()
+        assert long["state"] == "cancelled" and long["rows_done"] == 0, long
+    # The next job ran as soon as the slot was free: well before the long shard could end.
+    assert took < 60, took
