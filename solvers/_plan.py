@@ -7,7 +7,8 @@ in which precision OMP scans correlations and how a call is split across devices
 memory; every field can be overridden.
 
 - CPU (tuned on 2 cores, jaxlib 0.10): small chunks mapped one after another inside a call
-  (a row's working set stays in cache), one call per core at once (XLA's CPU runtime runs
+  (a row's working set stays in cache; OMP's on the Gram path as few as the last-level cache
+  holds), one call per core at once (XLA's CPU runtime runs
   separate calls side by side but not one program's loops), a vectorised two-level argmax
   (its native argmax is a scalar loop), non-negative OMP alone in the process (two of its
   programs at once deadlock in that runtime), strict float32 scans.
@@ -22,6 +23,7 @@ memory; every field can be overridden.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 
 from ._dictionary import SCANS, Dictionary, available_bytes
@@ -31,12 +33,22 @@ from ._omp import OMP
 DEFAULT_BLOCK_ROWS = 1024
 """CPU: rows per compiled call; larger batches run as several calls of this size."""
 CPU_GRAM_CHUNK_ROWS = {OMP: 4, _L1Settings: 64}
-"""CPU, Gram path: rows solved together, by method. OMP: each row keeps its own Gram rows
-(up to k + 1 of n_features), and few rows keep them in cache (P1, k=32, interleaved medians:
-1879 rows/s in chunks of 4 against 1631 in 8 and 1189 in 16; non-negative OMP 1234 against
-1013). LASSO methods: each proximal-gradient step or working-set refresh multiplies the chunk
-by the whole dictionary, which pays off for many rows (P1, FISTA alpha=0.05: 29 rows/s in
-chunks of 64 against 13 in 8; the LASSO: 1060 against 1004 in 32 and 923 in 128)."""
+"""CPU, Gram path: rows solved together, by method (at most, for OMP). OMP: each row keeps its
+own Gram rows (up to k + 1 of n_features), and few rows keep them in cache (P1, k=32,
+interleaved medians: 1879 rows/s in chunks of 4 against 1631 in 8 and 1189 in 16;
+non-negative OMP 1234 against 1013). LASSO methods: each proximal-gradient step or working-set
+refresh multiplies the chunk by the whole dictionary, which pays off for many rows (P1, FISTA
+alpha=0.05: 29 rows/s in chunks of 64 against 13 in 8; the LASSO: 1060 against 1004 in 32 and
+923 in 128)."""
+CPU_OMP_CACHE_SHARE = 0.5
+"""CPU, Gram path, OMP: fewer rows per chunk (down to `CPU_OMP_MIN_CHUNK_ROWS`) while the
+chunks of all streams would keep more than this share of the last-level cache busy with their
+rows' working sets (24576 x 768 on a 32 MiB L3, rows/s in chunks of 2 against 4: k=32 603 and
+874 against 531 and 729, k=64 218 and 270 against 156 and 181)..."""
+CPU_OMP_MIN_CHUNK_ROWS = 2
+"""... but not below 2 rows (one row alone: 47 rows/s against 218 for 2, k=64)."""
+DEFAULT_CACHE_BYTES = 32 << 20
+"""The last-level cache assumed where the system does not say."""
 CPU_CHUNK_ROWS = 8
 """CPU: rows solved together otherwise (the fewest on the matrix-free path)."""
 CPU_CHUNK_BYTES = 64 << 20
@@ -134,6 +146,21 @@ def _cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cache_bytes() -> int:
+    """The CPU's last-level cache (Linux's sysfs, sizes such as "32768K"), else
+    `DEFAULT_CACHE_BYTES`."""
+    shifts = {"K": 10, "M": 20, "G": 30}
+    caches = {}
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{index}/level") as level, open(f"{index}/size") as size:
+                text = size.read().strip()
+                caches[int(level.read())] = int(text.rstrip("KMG")) << shifts.get(text[-1], 0)
+        except (OSError, ValueError, IndexError):
+            continue
+    return caches[max(caches)] if caches else DEFAULT_CACHE_BYTES
+
+
 def _power_of_two_below(n: float) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
@@ -203,12 +230,18 @@ def _cpu_plan(settings, dictionary: Dictionary, gram: bool) -> Plan:
     # Non-negative OMP factors its support's Gram block with LAPACK's Cholesky inside its loop,
     # and two such programs at once deadlock in jaxlib 0.10's CPU runtime.
     alone = omp and settings.positive
+    # On the matrix-free path each product uses every core already.
+    streams = 1 if alone or not gram else max(1, min(_cpu_cores(), MAX_STREAMS))
+    if omp and gram:
+        row_bytes = settings.row_floats(dictionary.n_features, dictionary.d_model, gram)
+        row_bytes *= dictionary.dtype.itemsize
+        fits = CPU_OMP_CACHE_SHARE * _cache_bytes() / (row_bytes * streams)
+        chunk = max(CPU_OMP_MIN_CHUNK_ROWS, min(chunk, _power_of_two_below(fits)))
     return Plan(
         backend="cpu",
         block_rows=DEFAULT_BLOCK_ROWS,
         chunk_rows=chunk,
-        # On the matrix-free path each product uses every core already.
-        streams=1 if alone or not gram else max(1, min(_cpu_cores(), MAX_STREAMS)),
+        streams=streams,
         # A lone row on the Gram path is solved padded to two: XLA compiles the one-row loop
         # with copies of the stored Gram rows at every step, and two rows take less time than
         # one (8192 x 512, k=32: OMP 3.8 against 5.6 ms, non-negative OMP 5.2 against 7.9).

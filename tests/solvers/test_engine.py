@@ -156,6 +156,25 @@ def test_cpu_plan_keeps_the_measured_tuning():
     assert mf.streams == 1 and mf.chunk_rows == 256
 
 
+def test_cpu_plan_sizes_omps_gram_chunks_to_the_cache(monkeypatch):
+    dictionary, _, _ = sparse_problem(4096, 64, 4, 1, seed=2)
+    gram = solvers.prepare(dictionary, gram=True)
+    settings = solvers.make_settings("omp", gram, k=15)
+    row_bytes = settings.row_floats(4096, 64, True) * 4
+    monkeypatch.setattr("solvers._plan._cpu_cores", lambda: 2)
+    chunks = {}
+    for rows_in_cache in (64, 16, 8, 4, 1, 0):
+        cache = int(rows_in_cache * row_bytes / 0.5)
+        monkeypatch.setattr("solvers._plan._cache_bytes", lambda cache=cache: cache)
+        plan = solvers.plan_for(settings, gram, backend="cpu")
+        chunks[rows_in_cache] = (plan.chunk_rows, plan.block_rows % plan.chunk_rows)
+    # Two streams share the cache: chunks of at most 4, fewer when 2 x 4 rows do not fit,
+    # never fewer than 2; a call still holds whole chunks.
+    assert chunks == {64: (4, 0), 16: (4, 0), 8: (4, 0), 4: (2, 0), 1: (2, 0), 0: (2, 0)}
+    lasso = solvers.plan_for(solvers.make_settings("lasso", gram, alpha=0.1), gram, backend="cpu")
+    assert lasso.chunk_rows == 64  # not OMP: not sized by the cache
+
+
 def test_accelerator_plan_solves_a_call_in_one_chunk_sized_by_memory(monkeypatch):
     dictionary, _, _ = sparse_problem(4096, 64, 4, 1, seed=2)
     prepared = solvers.prepare(dictionary, gram=False)
