@@ -150,10 +150,9 @@ class Activations:
         """What identifies the input: each file's name, size, modification time, shape and
         tensor (a file rewritten with other rows of the same shape is another input)."""
         return [
-            {"file": p.path.name, "bytes": p.path.stat().st_size,
-             "modified_ns": p.path.stat().st_mtime_ns, "shape": list(p.shape),
-             "tensor": p.tensor}
-            for p in self.parts
+            {"file": p.path.name, "bytes": stat.st_size, "modified_ns": stat.st_mtime_ns,
+             "shape": list(p.shape), "tensor": p.tensor}
+            for p, stat in ((p, p.path.stat()) for p in self.parts)
         ]  # fmt: skip
 
     def read(self, start: int, stop: int) -> np.ndarray:
